@@ -43,7 +43,7 @@ import types
 import uuid
 import weakref
 from collections.abc import Callable, Coroutine, Hashable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypeVar, cast, overload
 
 import flask
 from flask.ctx import AppContext
@@ -51,7 +51,7 @@ from flask.globals import app_ctx
 
 if TYPE_CHECKING:
     from flask.ctx import RequestContext
-    from werkzeug.wrappers import Request
+    from flask.wrappers import Request
 
 __all__ = [
     "Executor",
@@ -269,7 +269,7 @@ class Executor(concurrent.futures.Executor):
         if future_key is not None:
             self.futures.add(future_key, future)  # raises on a duplicate key, before anything runs
         try:
-            self._schedule(future, fn, args, kwargs, contexts, config, app)
+            self._schedule(future, fn, args, kwargs, contexts, config)
         except BaseException:
             if future_key is not None:
                 self.futures._discard(future_key, future)
@@ -288,7 +288,6 @@ class Executor(concurrent.futures.Executor):
         kwargs: dict[str, Any],
         contexts: _CapturedContexts | None,
         config: _Config,
-        app: flask.Flask,
     ) -> None:
         if config.kind == "sync":
             _Task(future, fn, args, kwargs, contexts, None).run()
@@ -298,9 +297,9 @@ class Executor(concurrent.futures.Executor):
         slots = self._slots
         if slots is not None and not _take_slot(slots, config.queue_timeout):
             raise QueueFull(
-                f"{config.queue_size} tasks are already waiting for a worker (EXECUTOR_QUEUE_SIZE"
-                f"={config.queue_size}); {_describe(fn)} was not accepted. Retry later, or raise"
-                " EXECUTOR_QUEUE_SIZE or EXECUTOR_QUEUE_TIMEOUT"
+                f"{config.queue_size} tasks are already waiting for a worker ({config.prefix}QUEUE_SIZE"
+                f"={config.queue_size}); {_describe(fn)} was not accepted and will not run. Retry"
+                f" later, or raise {config.prefix}QUEUE_SIZE or {config.prefix}QUEUE_TIMEOUT"
             )
         try:
             pool = self._pool or self._make_pool()
@@ -326,19 +325,21 @@ class Executor(concurrent.futures.Executor):
     ) -> None:
         """Hands a task to a pool that makes futures of its own (a process pool or a
         configured executor), and ties the two futures together."""
+        call: Callable[[], Any]
         if isinstance(pool, concurrent.futures.ThreadPoolExecutor):
-            task = _Task(future, fn, args, kwargs, contexts, None)
-            call: tuple[Callable[..., Any], ...] = (task.run,)
+            call = _Task(future, fn, args, kwargs, contexts, None).run
         else:
             app_reference = (config.app_key, config.process_app) if config.push_app_context else None
-            call = (_run_in_worker, fn, args, kwargs, app_reference)
+            call = functools.partial(_run_in_worker, fn, args, kwargs, app_reference)
         try:
-            inner = pool.submit(*call)
+            inner = pool.submit(call)
         except concurrent.futures.BrokenExecutor:
             # The pool broke since the last task finished; a fresh one takes this task.
             self._forget_broken_pool(pool)
-            pool = self._pool or self._make_pool()
-            inner = pool.submit(*call)
+            fresh_pool = self._pool or self._make_pool()
+            assert not isinstance(fresh_pool, _ThreadPool)
+            pool = fresh_pool
+            inner = pool.submit(call)
         future._inner = inner
         if future.cancelled():  # cancelled through the collection while it was being handed over
             inner.cancel()
@@ -392,7 +393,7 @@ class Executor(concurrent.futures.Executor):
     def _capture_contexts(self) -> _CapturedContexts | None:
         if not self._config.push_app_context:
             return None
-        return _capture_contexts(self._app)
+        return _CapturedContexts(self._app)
 
     def _after_fork_in_child(self) -> None:
         # The parent's pool has no threads in this process, and any lock may have
@@ -422,6 +423,10 @@ class ExecutorJob(Generic[P, R]):
     A job defined at module level can be sent to a process pool: it is pickled by
     its name, like the function it wraps.
     """
+
+    __name__: str
+    __qualname__: str
+    __wrapped__: Callable[P, R]
 
     def __init__(self, executor: Executor, fn: Callable[P, R]) -> None:
         self.executor = executor
@@ -876,12 +881,12 @@ if not _APP_CONTEXT_HOLDS_REQUEST:
 
 
 class _CapturedContexts:
-    """What a task needs to rebuild, in its worker, the contexts it was submitted
-    from: the app, a snapshot of ``g``, and the request and session if any.
+    """The contexts a task was submitted from, as the task needs them in its
+    worker: the app, a snapshot of ``g``, and the request and session if any.
 
-    A captured set can make any number of fresh context objects: Flask records the
-    pushes of a context object in the object itself, so two threads must never
-    push the same one."""
+    Each task gets context objects of its own, because Flask records the pushes of
+    a context in the context object: two threads pushing the same one at once
+    corrupt each other's state (Flask-Executor 1.0's ``map`` in a request)."""
 
     __slots__ = ("app", "g_values", "original", "request", "session")
 
@@ -890,12 +895,12 @@ class _CapturedContexts:
         self.session: Any = None
         self.original: AppContext | None = None
         if flask.has_app_context():
-            original = app_ctx._get_current_object()
+            original: AppContext = cast(Any, app_ctx)._get_current_object()
             self.app = original.app
             self.g_values = dict(vars(original.g))
             self.original = original
             if not _APP_CONTEXT_HOLDS_REQUEST and flask.has_request_context():
-                current = request_ctx._get_current_object()
+                current: RequestContext = cast(Any, request_ctx)._get_current_object()
                 self.request = _request_for_task(current.request)
                 self.session = current.session
         elif app is not None:
@@ -904,20 +909,39 @@ class _CapturedContexts:
         else:
             raise RuntimeError("the executor is not bound to an app: call init_app(app) before submitting tasks")
 
-    def make(self) -> tuple[AppContext, RequestContext | None]:
-        """Fresh contexts for one task, to be pushed in this order."""
+    def app_context(self) -> AppContext:
+        """A fresh app context whose ``g`` starts as the snapshot (and which, on
+        Flask 3.2 and later, carries the request)."""
         if _APP_CONTEXT_HOLDS_REQUEST and self.original is not None:
-            context = self.original.copy()  # type: ignore[attr-defined]
+            context: AppContext = self.original.copy()  # type: ignore[attr-defined]
         else:
             context = self.app.app_context()
         vars(context.g).update(self.g_values)
+        return context
+
+    def take_request_context(self) -> RequestContext | None:
+        """The request context for a task about to run in this thread.
+
+        Making one builds a URL adapter, which costs more than the rest of a small
+        task, so each thread keeps the last one it popped (keep_request_context)
+        and reuses it for the next task from the same request: a context may be
+        pushed again by the thread that popped it. A context in use is not kept,
+        so a task run inline inside another gets its own. Each worker thread keeps
+        at most one request alive this way."""
         if self.request is None:
-            return context, None
-        return context, _TaskRequestContext(self.app, self.request.environ, self.request, self.session)
+            return None
+        kept = getattr(_this_thread, "request_context", None)
+        if kept is not None and kept[0] is self.request and kept[1] is self.session:
+            _this_thread.request_context = None
+            context: RequestContext = kept[2]
+            return context
+        return _TaskRequestContext(self.app, self.request.environ, self.request, self.session)
+
+    def keep_request_context(self, context: RequestContext) -> None:
+        _this_thread.request_context = (self.request, self.session, context)
 
 
-def _capture_contexts(app: flask.Flask | None) -> _CapturedContexts:
-    return _CapturedContexts(app)
+_this_thread = threading.local()
 
 
 def _request_for_task(request: Request) -> Request:
@@ -952,7 +976,7 @@ class _Task:
     """One call of a submitted function, run by a thread (or inline, in sync mode)
     inside fresh copies of the contexts it was submitted from."""
 
-    __slots__ = ("args", "contexts", "fn", "future", "kwargs", "slots")
+    __slots__ = ("app_context", "args", "captured", "fn", "future", "kwargs", "slots")
 
     def __init__(
         self,
@@ -967,9 +991,9 @@ class _Task:
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
-        # Made here, in the submitting thread, so that the snapshot of g is taken
-        # at submit time and a worker never touches the submitter's objects.
-        self.contexts = captured.make() if captured is not None else None
+        self.captured = captured
+        # Made here, in the submitting thread, so that g is copied as it is at submit time.
+        self.app_context = captured.app_context() if captured is not None else None
         self.slots = slots
 
     def run(self) -> None:
@@ -978,35 +1002,50 @@ class _Task:
         future = self.future
         if not future.set_running_or_notify_cancel():
             return
-        contexts = self.contexts
-        app_context, request_context = contexts if contexts is not None else (None, None)
         token = _current_future.set(future)
+        app_context = self.app_context
+        request_context = None
         error: BaseException | None = None
         try:
             if app_context is not None:
                 app_context.push()
+                request_context = self.captured.take_request_context()  # type: ignore[union-attr]
                 if request_context is not None:
                     request_context.push()
-            try:
-                result = self.fn(*self.args, **self.kwargs)
-                if isinstance(result, types.CoroutineType):
-                    result = _await(result)
-            except BaseException as exception:
-                error = exception
-                settings = future._settings
-                if settings is not None and settings.log_exceptions:
-                    settings.app.logger.error("Task %s failed", _describe(self.fn), exc_info=exception)
-                # Inside the contexts, so that done callbacks run in them too.
-                future.set_exception(exception)
-            else:
-                future.set_result(result)
+            result = self.fn(*self.args, **self.kwargs)
+            if isinstance(result, types.CoroutineType):
+                result = _await(result)
+        except BaseException as exception:
+            error = exception
+            settings = future._settings
+            if settings is not None and settings.log_exceptions:
+                settings.app.logger.error("Task %s failed", _describe(self.fn), exc_info=exception)
+            # Still inside the contexts, so that done callbacks run in them too.
+            future.set_exception(exception)
+        else:
+            future.set_result(result)
         finally:
             _current_future.reset(token)
+            try:
+                self._pop_contexts(app_context, request_context, error)
+            except Exception:
+                logger = future._settings.app.logger if future._settings is not None else _logger
+                logger.exception("A teardown function failed after task %s", _describe(self.fn))
+            error = None  # break the cycle through the traceback
+
+    def _pop_contexts(
+        self,
+        app_context: AppContext | None,
+        request_context: RequestContext | None,
+        error: BaseException | None,
+    ) -> None:
+        try:
             if request_context is not None:
                 request_context.pop(error)
+                self.captured.keep_request_context(request_context)  # type: ignore[union-attr]
+        finally:
             if app_context is not None:
                 app_context.pop(error)
-            error = None  # break the cycle through the traceback
 
 
 def _await(coroutine: Coroutine[Any, Any, Any]) -> Any:
@@ -1187,11 +1226,7 @@ def _work(tasks: queue.SimpleQueue[_Task | None]) -> None:
         if task is None:
             tasks.put(None)  # for the next worker
             return
-        try:
-            task.run()
-        except BaseException:
-            # A teardown function raised after the task completed its future.
-            _logger.exception("Tearing down the contexts of a task failed")
+        task.run()
         del task
 
 
