@@ -25,7 +25,6 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import contextvars
-import copy
 import dataclasses
 import functools
 import importlib
@@ -931,30 +930,42 @@ class _CapturedContexts:
         if self.request is None:
             return None
         kept = getattr(_this_thread, "request_context", None)
-        if kept is not None and kept[0] is self.request and kept[1] is self.session:
+        # Each submit makes its own request object, over the same attributes.
+        if kept is not None and kept[0] is vars(self.request) and kept[1] is self.session:
             _this_thread.request_context = None
             context: RequestContext = kept[2]
             return context
         return _TaskRequestContext(self.app, self.request.environ, self.request, self.session)
 
     def keep_request_context(self, context: RequestContext) -> None:
-        _this_thread.request_context = (self.request, self.session, context)
+        _this_thread.request_context = (vars(self.request), self.session, context)
 
 
 _this_thread = threading.local()
 
 
 def _request_for_task(request: Request) -> Request:
-    # Popping a request context closes the request's uploaded files. A task's
-    # context must not close them under the view, which may still be reading them.
-    if not vars(request).get("files"):
-        return request
-    shared = copy.copy(request)
-    shared.close = _keep_files_open  # type: ignore[method-assign]
+    """The request as a task sees it: the same in every respect but one.
+
+    Popping a request context closes the request's uploaded files, and a task's
+    context must not close them under the view, which may still be reading them.
+    So a task gets another object of a subclass whose ``close()`` does nothing, and
+    which shares the request's attribute dictionary: what either side parses (the
+    form, the files, the consumed input stream) the other sees."""
+    request_class = type(request)
+    task_class = _request_classes_that_stay_open.get(request_class)
+    if task_class is None:
+        task_class = type(request_class.__name__, (request_class,), {"close": _keep_files_open})
+        task_class = _request_classes_that_stay_open.setdefault(request_class, task_class)
+    shared = object.__new__(task_class)
+    shared.__dict__ = request.__dict__
     return shared
 
 
-def _keep_files_open() -> None:
+_request_classes_that_stay_open: dict[type[Request], type[Request]] = {}
+
+
+def _keep_files_open(request: Request) -> None:
     pass
 
 
