@@ -379,7 +379,8 @@ class Executor(concurrent.futures.Executor):
                 " running failed with BrokenProcessPool and a new pool is used from the next task",
                 self,
             )
-        pool.shutdown(wait=False)
+        # No shutdown(): this may run in the broken pool's own manager thread, and a
+        # broken pool has already stopped its workers and is releasing what it holds.
 
     def _make_pool(self) -> _Pool:
         with self._pool_lock:
@@ -1168,6 +1169,9 @@ _progress_sink: TaskFuture[Any] = TaskFuture()
 
 _live_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
 _live_thread_pools: weakref.WeakSet[_ThreadPool] = weakref.WeakSet()
+# Every worker thread until it ends, including those of pools already shut down
+# or dropped, so that at exit the tasks they accepted still complete.
+_worker_threads: set[threading.Thread] = set()
 
 
 class _ThreadPool:
@@ -1209,6 +1213,7 @@ class _ThreadPool:
                     # _finish_thread_pools_at_exit lets accepted tasks complete.
                     daemon=True,
                 )
+                _worker_threads.add(thread)
                 thread.start()
                 self._threads.append(thread)
 
@@ -1236,6 +1241,7 @@ def _work(tasks: queue.SimpleQueue[_Task | None]) -> None:
         task = tasks.get()
         if task is None:
             tasks.put(None)  # for the next worker
+            _worker_threads.discard(threading.current_thread())
             return
         task.run()
         del task
@@ -1295,13 +1301,16 @@ def _make_slots(config: _Config) -> threading.BoundedSemaphore | None:
 
 def _forget_pools_after_fork() -> None:
     _live_thread_pools.clear()
+    _worker_threads.clear()
     for executor in list(_live_executors):
         executor._after_fork_in_child()
 
 
 def _finish_thread_pools_at_exit() -> None:
     for pool in list(_live_thread_pools):
-        pool.shutdown(wait=True)
+        pool.shutdown(wait=False)
+    for thread in list(_worker_threads):
+        thread.join()
 
 
 os.register_at_fork(after_in_child=_forget_pools_after_fork)
