@@ -105,6 +105,8 @@ class Executor(concurrent.futures.Executor):
         self._slots: threading.BoundedSemaphore | None = None
         self._shut_down = False
         self._task_settings: _TaskSettings | None = None
+        # Futures handed to a configured executor and not done yet, for shutdown().
+        self._handed_over: set[TaskFuture[Any]] = set()
         _live_executors.add(self)
         if app is not None:
             self.init_app(app)
@@ -134,11 +136,15 @@ class Executor(concurrent.futures.Executor):
         _apps_for_forked_workers[config.app_key] = app
         app.extensions[self.name + "executor"] = self
         if previous is not None:
-            previous.shutdown(wait=False)
+            self._shut_pool_down(previous, wait=False, cancel_futures=False)
 
+    @overload
     def submit(
-        self, fn: Callable[P, T] | Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs
-    ) -> TaskFuture[T]:
+        self, fn: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> TaskFuture[T]: ...
+    @overload
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> TaskFuture[T]: ...
+    def submit(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> TaskFuture[Any]:
         """Schedules ``fn(*args, **kwargs)`` and returns its :class:`TaskFuture`.
 
         ``fn`` may be an ``async def`` function: the future then holds the value it
@@ -153,14 +159,22 @@ class Executor(concurrent.futures.Executor):
         """
         return self._submit(None, fn, args, kwargs, self._capture_contexts())
 
+    @overload
     def submit_stored(
         self,
         future_key: Hashable,
-        fn: Callable[P, T] | Callable[P, Coroutine[Any, Any, T]],
+        fn: Callable[P, Coroutine[Any, Any, T]],
         /,
         *args: P.args,
         **kwargs: P.kwargs,
-    ) -> TaskFuture[T]:
+    ) -> TaskFuture[T]: ...
+    @overload
+    def submit_stored(
+        self, future_key: Hashable, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
+    ) -> TaskFuture[T]: ...
+    def submit_stored(
+        self, future_key: Hashable, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs
+    ) -> TaskFuture[Any]:
         """Like :meth:`submit`, and keeps the future in :attr:`futures` under
         ``future_key`` so that a later request can ask about it::
 
@@ -173,13 +187,21 @@ class Executor(concurrent.futures.Executor):
         """
         return self._submit(future_key, fn, args, kwargs, self._capture_contexts())
 
+    @overload
     def map(
         self,
-        fn: Callable[..., T],
+        fn: Callable[..., Coroutine[Any, Any, T]],
         *iterables: Iterable[Any],
         timeout: float | None = None,
         chunksize: int = 1,
-    ) -> Iterator[T]:
+    ) -> Iterator[T]: ...
+    @overload
+    def map(
+        self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+    ) -> Iterator[T]: ...
+    def map(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+    ) -> Iterator[Any]:
         """Like the built-in :func:`map`, with the calls made in the background;
         results come in order. Every call gets its own copy of the contexts::
 
@@ -241,7 +263,22 @@ class Executor(concurrent.futures.Executor):
             self._shut_down = True
             pool, self._pool = self._pool, None
         if pool is not None:
+            self._shut_pool_down(pool, wait, cancel_futures)
+
+    def _shut_pool_down(self, pool: _Pool, wait: bool, cancel_futures: bool) -> None:
+        if self._config.kind != "foreign":
             pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+            return
+        # A configured executor may not take cancel_futures (Dask's does not), and
+        # may cancel what it holds when not waiting (Dask's does): so cancel here
+        # what has to be, and let another thread wait for the rest.
+        if cancel_futures:
+            for future in list(self._handed_over):
+                future.cancel()
+        if wait:
+            pool.shutdown(wait=True)
+        else:
+            threading.Thread(target=pool.shutdown, name="flask_executor_shutdown", daemon=True).start()
 
     # The path of every task. It is the hot path, so the configuration it needs
     # is read once into locals and nothing is looked up twice.
@@ -328,8 +365,12 @@ class Executor(concurrent.futures.Executor):
         if isinstance(pool, concurrent.futures.ThreadPoolExecutor):
             call = _Task(future, fn, args, kwargs, contexts, None).run
         else:
+            if config.kind == "foreign" and isinstance(pool, concurrent.futures.ProcessPoolExecutor):
+                _check_picklable(fn)
             app_reference = (config.app_key, config.process_app) if config.push_app_context else None
-            call = functools.partial(_run_in_worker, fn, args, kwargs, app_reference)
+            # A unique id in every call: some executors (Dask's) run a call only once
+            # when it is submitted again with the same arguments.
+            call = functools.partial(_run_in_worker, fn, args, kwargs, app_reference, uuid.uuid4().hex)
         try:
             inner = pool.submit(call)
         except concurrent.futures.BrokenExecutor:
@@ -342,6 +383,8 @@ class Executor(concurrent.futures.Executor):
         future._inner = inner
         if future.cancelled():  # cancelled through the collection while it was being handed over
             inner.cancel()
+        if config.kind == "foreign":
+            self._handed_over.add(future)
         inner.add_done_callback(functools.partial(self._settle, future, pool, slots))
 
     def _settle(
@@ -353,6 +396,7 @@ class Executor(concurrent.futures.Executor):
     ) -> None:
         if slots is not None:
             slots.release()
+        self._handed_over.discard(future)
         if inner.cancelled():
             concurrent.futures.Future.cancel(future)
             return
@@ -459,6 +503,17 @@ class ExecutorJob(Generic[P, R]):
         see :meth:`Executor.submit_stored`."""
         return self.executor.submit_stored(future_key, self, *args, **kwargs)
 
+    @overload
+    def map(
+        self: ExecutorJob[P, Coroutine[Any, Any, T]],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+    ) -> Iterator[T]: ...
+    @overload
+    def map(
+        self: ExecutorJob[P, T], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+    ) -> Iterator[T]: ...
     def map(self, *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1) -> Iterator[Any]:
         """Calls this job for each set of items; see :meth:`Executor.map`."""
         return self.executor.map(self, *iterables, timeout=timeout, chunksize=chunksize)
@@ -667,8 +722,8 @@ class Progress(NamedTuple):
 
     @property
     def fraction(self) -> float | None:
-        """``done / total`` between 0 and 1, or ``None`` when the total is unknown."""
-        return None if self.total is None else self.done / self.total
+        """``done / total`` between 0 and 1, or ``None`` when the total is unknown (or 0)."""
+        return self.done / self.total if self.total else None
 
 
 def report_progress(done: float, total: float | None = None, message: str | None = None) -> None:
@@ -695,7 +750,7 @@ def report_progress(done: float, total: float | None = None, message: str | None
         )
     if done < 0:
         raise ValueError(f"done must be 0 or more, got {done!r}")
-    if total is not None and not 0 < total:
+    if total is not None and total <= 0:
         raise ValueError(f"total must be more than 0 (or None when unknown), got {total!r}")
     if total is not None and done > total:
         raise ValueError(f"done ({done!r}) cannot be more than total ({total!r})")
@@ -1009,10 +1064,10 @@ class _Task:
         self.slots = slots
 
     def run(self) -> None:
-        if self.slots is not None:
-            self.slots.release()  # it no longer waits, whether it runs or was cancelled
         future = self.future
         if not future.set_running_or_notify_cancel():
+            if self.slots is not None:
+                self.slots.release()
             return
         token = _current_future.set(future)
         app_context = self.app_context
@@ -1043,6 +1098,8 @@ class _Task:
             except Exception:
                 logger = future._settings.app.logger if future._settings is not None else _logger
                 logger.exception("A teardown function failed after task %s", _describe(self.fn))
+            if self.slots is not None:
+                self.slots.release()
             error = None  # break the cycle through the traceback
 
     def _pop_contexts(
@@ -1064,7 +1121,15 @@ def _await(coroutine: Coroutine[Any, Any, Any]) -> Any:
     # Imported here: most apps never submit a coroutine, and asyncio takes a while to import.
     import asyncio
 
-    return asyncio.run(coroutine)
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    # A sync-mode task called from a coroutine: this thread's loop is busy running
+    # the caller, so the task gets a loop of its own in another thread.
+    context = contextvars.copy_context()
+    with concurrent.futures.ThreadPoolExecutor(1) as loop_thread:
+        return loop_thread.submit(context.run, asyncio.run, coroutine).result()
 
 
 def _call_done_callback(fn: Callable[[Any], object], future: TaskFuture[Any]) -> None:
@@ -1089,21 +1154,30 @@ def _run_in_worker(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     app_reference: tuple[str, str | None] | None,
+    call_id: str,
 ) -> Any:
     """Runs a task in another process, inside an app context of the same app when
     one can be had there: the parent's own app in a forked worker, else the one
     named by ``EXECUTOR_PROCESS_APP``."""
-    token = _current_future.set(_progress_sink)
-    try:
-        app = _worker_app(*app_reference) if app_reference is not None else None
-        if app is None:
-            result = fn(*args, **kwargs)
-            return _await(result) if isinstance(result, types.CoroutineType) else result
-        with app.app_context():
-            result = fn(*args, **kwargs)
-            return _await(result) if isinstance(result, types.CoroutineType) else result
-    finally:
-        _current_future.reset(token)
+    # A forked worker starts with the context variables of the thread that forked
+    # it, that thread's request included: a task must not see them.
+    return contextvars.Context().run(_run_here, fn, args, kwargs, app_reference)
+
+
+def _run_here(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    app_reference: tuple[str, str | None] | None,
+) -> Any:
+    _current_future.set(_progress_sink)
+    app = _worker_app(*app_reference) if app_reference is not None else None
+    if app is None:
+        result = fn(*args, **kwargs)
+        return _await(result) if isinstance(result, types.CoroutineType) else result
+    with app.app_context():
+        result = fn(*args, **kwargs)
+        return _await(result) if isinstance(result, types.CoroutineType) else result
 
 
 def _worker_app(app_key: str, import_string: str | None) -> flask.Flask | None:
@@ -1252,12 +1326,11 @@ _Pool = _ThreadPool | concurrent.futures.Executor
 
 def _make_pool(config: _Config, name: str) -> _Pool:
     if config.kind == "thread":
-        max_workers = config.max_workers or min(32, (os.cpu_count() or 1) + 4)
-        return _ThreadPool(max_workers, f"flask_executor_{name}" if name else "flask_executor")
+        return _ThreadPool(_worker_count(config), f"flask_executor_{name}" if name else "flask_executor")
     if config.kind == "process":
         from concurrent.futures import ProcessPoolExecutor
 
-        options: dict[str, Any] = {"max_workers": config.max_workers}
+        options: dict[str, Any] = {"max_workers": _worker_count(config)}
         if config.mp_context is not None:
             options["mp_context"] = multiprocessing.get_context(config.mp_context)
         if config.max_tasks_per_child is not None:
@@ -1288,15 +1361,20 @@ def _take_slot(slots: threading.BoundedSemaphore, timeout: float) -> bool:
 
 
 def _make_slots(config: _Config) -> threading.BoundedSemaphore | None:
-    """The room for waiting tasks that EXECUTOR_QUEUE_SIZE allows."""
+    """A slot for each task that may be running or waiting, as EXECUTOR_QUEUE_SIZE
+    allows; a task frees its slot when it is done. Once every worker is busy, the
+    slots left are those for waiting tasks."""
     if config.queue_size is None or config.kind == "sync":
         return None
+    return threading.BoundedSemaphore(config.queue_size + _worker_count(config))
+
+
+def _worker_count(config: _Config) -> int:
+    if config.max_workers is not None:
+        return config.max_workers
     if config.kind == "thread":
-        # Our own pool frees a slot when a worker takes the task.
-        return threading.BoundedSemaphore(config.queue_size)
-    # Other pools tell only when a task is done, so the running ones get slots too.
-    workers = config.max_workers or os.cpu_count() or 1
-    return threading.BoundedSemaphore(config.queue_size + workers)
+        return min(32, (os.cpu_count() or 1) + 4)  # as concurrent.futures.ThreadPoolExecutor
+    return os.cpu_count() or 1
 
 
 def _forget_pools_after_fork() -> None:
