@@ -30,6 +30,7 @@ import functools
 import importlib
 import itertools
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -197,10 +198,18 @@ class Executor(concurrent.futures.Executor):
     ) -> Iterator[T]: ...
     @overload
     def map(
-        self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
     ) -> Iterator[T]: ...
     def map(
-        self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+        self,
+        fn: Callable[..., Any],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
     ) -> Iterator[Any]:
         """Like the built-in :func:`map`, with the calls made in the background;
         results come in order. Every call gets its own copy of the contexts::
@@ -236,6 +245,8 @@ class Executor(concurrent.futures.Executor):
 
             fib(10)                 # 55, called directly
             fib.submit(10)          # a future of 55
+
+        A job can be declared before :meth:`init_app` binds the executor.
         """
         return ExecutorJob(self, fn)
 
@@ -448,7 +459,11 @@ class Executor(concurrent.futures.Executor):
         self.futures._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"<Executor {self.name!r} ({self._config.kind})>" if self.name else f"<Executor ({self._config.kind})>"
+        return (
+            f"<Executor {self.name!r} ({self._config.kind})>"
+            if self.name
+            else f"<Executor ({self._config.kind})>"
+        )
 
 
 class ExecutorJob(Generic[P, R]):
@@ -514,7 +529,9 @@ class ExecutorJob(Generic[P, R]):
     def map(
         self: ExecutorJob[P, T], *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
     ) -> Iterator[T]: ...
-    def map(self, *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1) -> Iterator[Any]:
+    def map(
+        self, *iterables: Iterable[Any], timeout: float | None = None, chunksize: int = 1
+    ) -> Iterator[Any]:
         """Calls this job for each set of items; see :meth:`Executor.map`."""
         return self.executor.map(self, *iterables, timeout=timeout, chunksize=chunksize)
 
@@ -714,6 +731,8 @@ class Progress(NamedTuple):
     """How far a task has got, as reported with :func:`report_progress`::
 
         Progress(done=30, total=120, message="resizing").fraction   # 0.25
+
+    It is immutable, so a reader never sees a report half written.
     """
 
     done: float
@@ -745,8 +764,7 @@ def report_progress(done: float, total: float | None = None, message: str | None
     future = _current_future.get(None)
     if future is None:
         raise RuntimeError(
-            "report_progress() was called outside a task: call it from a function"
-            " submitted to an Executor"
+            "report_progress() was called outside a task: call it from a function submitted to an Executor"
         )
     if done < 0:
         raise ValueError(f"done must be 0 or more, got {done!r}")
@@ -822,7 +840,9 @@ def _read_config(config: Mapping[str, Any], name: str) -> _Config:
         )
     if max_tasks_per_child is not None:
         if sys.version_info < (3, 11):
-            raise ValueError(f"{prefix}MAX_TASKS_PER_CHILD={max_tasks_per_child!r} needs Python 3.11 or later")
+            raise ValueError(
+                f"{prefix}MAX_TASKS_PER_CHILD={max_tasks_per_child!r} needs Python 3.11 or later"
+            )
         if mp_context == "fork":
             raise ValueError(
                 f"{prefix}MAX_TASKS_PER_CHILD={max_tasks_per_child!r} cannot be used with"
@@ -834,17 +854,6 @@ def _read_config(config: Mapping[str, Any], name: str) -> _Config:
             f"{prefix}PROCESS_APP must be an import string such as 'package.module:app' or"
             f" 'package.module:create_app()', got {process_app!r}"
         )
-    queue_timeout = config.get(prefix + "QUEUE_TIMEOUT", 0)
-    try:
-        queue_timeout = float(queue_timeout)
-        valid_timeout = not isinstance(config.get(prefix + "QUEUE_TIMEOUT"), bool) and 0 <= queue_timeout < float("inf")
-    except (TypeError, ValueError):
-        valid_timeout = False
-    if not valid_timeout:
-        raise ValueError(
-            f"{prefix}QUEUE_TIMEOUT must be a number of seconds, 0 or more, got"
-            f" {config.get(prefix + 'QUEUE_TIMEOUT')!r}"
-        )
     return _Config(
         kind=kind,
         factory=factory,
@@ -853,7 +862,7 @@ def _read_config(config: Mapping[str, Any], name: str) -> _Config:
         propagate_exceptions=_read_boolean(config, prefix + "PROPAGATE_EXCEPTIONS", False),
         push_app_context=_read_boolean(config, prefix + "PUSH_APP_CONTEXT", True),
         queue_size=_read_integer(config, prefix + "QUEUE_SIZE", None, minimum=0),
-        queue_timeout=queue_timeout,
+        queue_timeout=_read_seconds(config, prefix + "QUEUE_TIMEOUT", 0.0),
         log_exceptions=_read_boolean(config, prefix + "LOG_EXCEPTIONS", True),
         mp_context=mp_context,
         max_tasks_per_child=max_tasks_per_child,
@@ -901,6 +910,21 @@ def _read_integer(config: Mapping[str, Any], key: str, default: int | None, *, m
     if number is None or number < minimum:
         raise ValueError(f"{key} must be a whole number, {minimum} or more, got {value!r}")
     return number
+
+
+def _read_seconds(config: Mapping[str, Any], key: str, default: float) -> float:
+    value = config.get(key)
+    if value is None:
+        return default
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not 0 <= seconds < math.inf:  # NaN fails this too
+        raise ValueError(f"{key} must be a number of seconds, 0 or more, got {value!r}")
+    return seconds
 
 
 def _read_boolean(config: Mapping[str, Any], key: str, default: bool) -> bool:
@@ -962,7 +986,9 @@ class _CapturedContexts:
             self.app = app
             self.g_values = {}
         else:
-            raise RuntimeError("the executor is not bound to an app: call init_app(app) before submitting tasks")
+            raise RuntimeError(
+                "the executor is not bound to an app: call init_app(app) before submitting tasks"
+            )
 
     def app_context(self) -> AppContext:
         """A fresh app context whose ``g`` starts as the snapshot (and which, on

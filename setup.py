@@ -3,8 +3,30 @@
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 here = Path(__file__).parent
+
+
+class build_py_with_stubs(build_py):
+    """Also builds ``flask_executor-stubs/__init__.pyi``, a copy of the module.
+
+    A distribution of a single module cannot carry a ``py.typed`` marker (PEP 561),
+    so type checkers would treat the installed module as untyped; a stub-only
+    package beside it they do read. An editable install gets no copy, which could
+    only go stale: there the checker reads the module itself.
+    """
+
+    def run(self) -> None:
+        super().run()
+        stubs = Path(self.build_lib, "flask_executor-stubs")
+        self.mkpath(str(stubs))
+        self.copy_file(str(here / "flask_executor.py"), str(stubs / "__init__.pyi"))
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        stub = str(Path(self.build_lib, "flask_executor-stubs", "__init__.pyi"))
+        return [*super().get_outputs(include_bytecode), stub]
+
 
 setup(
     name="Flask-Executor",
@@ -14,6 +36,7 @@ setup(
     long_description_content_type="text/x-rst",
     license="MIT",
     py_modules=["flask_executor"],
+    cmdclass={"build_py": build_py_with_stubs},
     python_requires=">=3.10",
     install_requires=["Flask>=2.2"],
     extras_require={
@@ -31,7 +54,6 @@ setup(
     },
     classifiers=[
         "Framework :: Flask",
-        "License :: OSI Approved :: MIT License",
         "Programming Language :: Python :: 3",
         "Programming Language :: Python :: 3 :: Only",
         "Programming Language :: Python :: 3.10",
