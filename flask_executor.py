@@ -108,6 +108,8 @@ class Executor(concurrent.futures.Executor):
         self._task_settings: _TaskSettings | None = None
         # Futures handed to a configured executor and not done yet, for shutdown().
         self._handed_over: set[TaskFuture[Any]] = set()
+        # Whether tasks run in this process, in threads, and so get the contexts pushed.
+        self._runs_tasks_here = True
         _live_executors.add(self)
         if app is not None:
             self.init_app(app)
@@ -131,6 +133,9 @@ class Executor(concurrent.futures.Executor):
             self._config = config
             self._slots = _make_slots(config)
             self._task_settings = _TaskSettings(app, config.push_app_context, config.log_exceptions)
+            self._runs_tasks_here = config.kind in ("thread", "sync") or isinstance(
+                pool, concurrent.futures.ThreadPoolExecutor
+            )
             self._shut_down = False
         self.futures.max_length = config.futures_max_length or None
         self.futures.logger = app.logger
@@ -277,7 +282,8 @@ class Executor(concurrent.futures.Executor):
             self._shut_pool_down(pool, wait, cancel_futures)
 
     def _shut_pool_down(self, pool: _Pool, wait: bool, cancel_futures: bool) -> None:
-        if self._config.kind != "foreign":
+        standard = (_ThreadPool, concurrent.futures.ThreadPoolExecutor, concurrent.futures.ProcessPoolExecutor)
+        if isinstance(pool, standard):
             pool.shutdown(wait=wait, cancel_futures=cancel_futures)
             return
         # A configured executor may not take cancel_futures (Dask's does not), and
@@ -291,8 +297,8 @@ class Executor(concurrent.futures.Executor):
         else:
             threading.Thread(target=pool.shutdown, name="flask_executor_shutdown", daemon=True).start()
 
-    # The path of every task. It is the hot path, so the configuration it needs
-    # is read once into locals and nothing is looked up twice.
+    # The path of every task, and so the hot path: the configuration is read once,
+    # and nothing is looked up twice.
     def _submit(
         self,
         future_key: Hashable | None,
@@ -304,8 +310,7 @@ class Executor(concurrent.futures.Executor):
         config = self._config
         if self._shut_down:
             raise RuntimeError(f"cannot submit {_describe(fn)}: {self!r} has been shut down")
-        app = self._app
-        if app is None:
+        if self._app is None:
             raise RuntimeError(f"{self!r} is not bound to an app: call init_app(app) before submitting tasks")
         future: TaskFuture[Any] = TaskFuture()
         future._settings = self._task_settings
@@ -314,9 +319,9 @@ class Executor(concurrent.futures.Executor):
         if config.propagate_exceptions:
             future.add_done_callback(propagate_exceptions_callback)
         if future_key is not None:
-            self.futures.add(future_key, future)  # raises on a duplicate key, before anything runs
+            self.futures.add(future_key, future)  # raises on a key in use, before anything runs
         try:
-            self._schedule(future, fn, args, kwargs, contexts, config)
+            self._schedule(_Task(future, fn, args, kwargs, contexts), config)
         except BaseException:
             if future_key is not None:
                 self.futures._discard(future_key, future)
@@ -327,70 +332,60 @@ class Executor(concurrent.futures.Executor):
                 raise exception
         return future
 
-    def _schedule(
-        self,
-        future: TaskFuture[Any],
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        contexts: _CapturedContexts | None,
-        config: _Config,
-    ) -> None:
+    def _schedule(self, task: _Task, config: _Config) -> None:
         if config.kind == "sync":
-            _Task(future, fn, args, kwargs, contexts, None).run()
+            task.run()
             return
         if config.kind == "process":
-            _check_picklable(fn)
+            _check_picklable(task.fn)
         slots = self._slots
         if slots is not None and not _take_slot(slots, config.queue_timeout):
             raise QueueFull(
                 f"{config.queue_size} tasks are already waiting for a worker ({config.prefix}QUEUE_SIZE"
-                f"={config.queue_size}); {_describe(fn)} was not accepted and will not run. Retry"
+                f"={config.queue_size}); {_describe(task.fn)} was not accepted and will not run. Retry"
                 f" later, or raise {config.prefix}QUEUE_SIZE or {config.prefix}QUEUE_TIMEOUT"
             )
         try:
             pool = self._pool or self._make_pool()
             if isinstance(pool, _ThreadPool):
-                pool.schedule(_Task(future, fn, args, kwargs, contexts, slots))
+                task.slots = slots
+                pool.schedule(task)
             else:
-                self._schedule_elsewhere(pool, future, fn, args, kwargs, contexts, config, slots)
+                self._hand_over(pool, task, config, slots)
         except BaseException:
             if slots is not None:
                 slots.release()
             raise
 
-    def _schedule_elsewhere(
+    def _hand_over(
         self,
         pool: concurrent.futures.Executor,
-        future: TaskFuture[Any],
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        contexts: _CapturedContexts | None,
+        task: _Task,
         config: _Config,
         slots: threading.BoundedSemaphore | None,
     ) -> None:
         """Hands a task to a pool that makes futures of its own (a process pool or a
-        configured executor), and ties the two futures together."""
+        configured executor), and ties its future to the task's."""
         call: Callable[[], Any]
-        if isinstance(pool, concurrent.futures.ThreadPoolExecutor):
-            call = _Task(future, fn, args, kwargs, contexts, None).run
+        if self._runs_tasks_here:
+            call = task.run
         else:
             if config.kind == "foreign" and isinstance(pool, concurrent.futures.ProcessPoolExecutor):
-                _check_picklable(fn)
+                _check_picklable(task.fn)
             app_reference = (config.app_key, config.process_app) if config.push_app_context else None
             # A unique id in every call: some executors (Dask's) run a call only once
             # when it is submitted again with the same arguments.
-            call = functools.partial(_run_in_worker, fn, args, kwargs, app_reference, uuid.uuid4().hex)
+            call = functools.partial(
+                _run_in_worker, task.fn, task.args, task.kwargs, app_reference, uuid.uuid4().hex
+            )
         try:
             inner = pool.submit(call)
         except concurrent.futures.BrokenExecutor:
             # The pool broke since the last task finished; a fresh one takes this task.
             self._forget_broken_pool(pool)
-            fresh_pool = self._pool or self._make_pool()
-            assert not isinstance(fresh_pool, _ThreadPool)
-            pool = fresh_pool
+            pool = cast(concurrent.futures.Executor, self._pool or self._make_pool())
             inner = pool.submit(call)
+        future = task.future
         future._inner = inner
         if future.cancelled():  # cancelled through the collection while it was being handed over
             inner.cancel()
@@ -411,9 +406,9 @@ class Executor(concurrent.futures.Executor):
         if inner.cancelled():
             concurrent.futures.Future.cancel(future)
             return
-        exception = inner.exception()
-        if future.done():  # a thread-like pool: the task itself completed the future
+        if future.done():  # a thread-like pool, where the task completed its future itself
             return
+        exception = inner.exception()
         if exception is None:
             future.set_result(inner.result())
             return
@@ -446,7 +441,7 @@ class Executor(concurrent.futures.Executor):
             return self._pool
 
     def _capture_contexts(self) -> _CapturedContexts | None:
-        if not self._config.push_app_context:
+        if not (self._runs_tasks_here and self._config.push_app_context):
             return None
         return _CapturedContexts(self._app)
 
@@ -1078,7 +1073,6 @@ class _Task:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         captured: _CapturedContexts | None,
-        slots: threading.BoundedSemaphore | None,
     ) -> None:
         self.future = future
         self.fn = fn
@@ -1087,7 +1081,8 @@ class _Task:
         self.captured = captured
         # Made here, in the submitting thread, so that g is copied as it is at submit time.
         self.app_context = captured.app_context() if captured is not None else None
-        self.slots = slots
+        # The queue slot the task holds (see _make_slots), freed when it is done.
+        self.slots: threading.BoundedSemaphore | None = None
 
     def run(self) -> None:
         future = self.future
