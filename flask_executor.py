@@ -31,7 +31,6 @@ import importlib
 import itertools
 import logging
 import math
-import multiprocessing
 import os
 import pickle
 import queue
@@ -282,7 +281,11 @@ class Executor(concurrent.futures.Executor):
             self._shut_pool_down(pool, wait, cancel_futures)
 
     def _shut_pool_down(self, pool: _Pool, wait: bool, cancel_futures: bool) -> None:
-        standard = (_ThreadPool, concurrent.futures.ThreadPoolExecutor, concurrent.futures.ProcessPoolExecutor)
+        standard = (
+            _ThreadPool,
+            concurrent.futures.ThreadPoolExecutor,
+            concurrent.futures.ProcessPoolExecutor,
+        )
         if isinstance(pool, standard):
             pool.shutdown(wait=wait, cancel_futures=cancel_futures)
             return
@@ -451,6 +454,7 @@ class Executor(concurrent.futures.Executor):
         self._pool = None
         self._pool_lock = threading.Lock()
         self._slots = _make_slots(self._config)
+        self._handed_over = set()
         self.futures._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -828,7 +832,7 @@ def _read_config(config: Mapping[str, Any], name: str) -> _Config:
     max_workers = _read_integer(config, prefix + "MAX_WORKERS", None, minimum=1)
     max_tasks_per_child = _read_integer(config, prefix + "MAX_TASKS_PER_CHILD", None, minimum=1)
     mp_context = config.get(prefix + "MP_CONTEXT")
-    if mp_context is not None and mp_context not in multiprocessing.get_all_start_methods():
+    if mp_context is not None and mp_context not in _start_methods():
         raise ValueError(
             f"{prefix}MP_CONTEXT must be one of {', '.join(map(repr, _START_METHODS))} (where this"
             f" platform has it), got {mp_context!r}"
@@ -865,6 +869,12 @@ def _read_config(config: Mapping[str, Any], name: str) -> _Config:
         app_key=uuid.uuid4().hex,
         prefix=prefix,
     )
+
+
+def _start_methods() -> list[str]:
+    import multiprocessing  # here: thread pools never need it, and it is slow to import
+
+    return multiprocessing.get_all_start_methods()
 
 
 def _read_type(key: str, value: Any) -> tuple[str, Callable[..., concurrent.futures.Executor] | None]:
@@ -1349,14 +1359,14 @@ def _make_pool(config: _Config, name: str) -> _Pool:
     if config.kind == "thread":
         return _ThreadPool(_worker_count(config), f"flask_executor_{name}" if name else "flask_executor")
     if config.kind == "process":
-        from concurrent.futures import ProcessPoolExecutor
-
         options: dict[str, Any] = {"max_workers": _worker_count(config)}
         if config.mp_context is not None:
+            import multiprocessing  # here: thread pools never need it, and it is slow to import
+
             options["mp_context"] = multiprocessing.get_context(config.mp_context)
         if config.max_tasks_per_child is not None:
             options["max_tasks_per_child"] = config.max_tasks_per_child
-        return ProcessPoolExecutor(**options)
+        return concurrent.futures.ProcessPoolExecutor(**options)
     return _make_foreign_pool(config)
 
 
