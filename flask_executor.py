@@ -376,11 +376,10 @@ class Executor(concurrent.futures.Executor):
             if config.kind == "foreign" and isinstance(pool, concurrent.futures.ProcessPoolExecutor):
                 _check_picklable(task.fn)
             app_reference = (config.app_key, config.process_app) if config.push_app_context else None
-            # A unique id in every call: some executors (Dask's) run a call only once
-            # when it is submitted again with the same arguments.
-            call = functools.partial(
-                _run_in_worker, task.fn, task.args, task.kwargs, app_reference, uuid.uuid4().hex
-            )
+            # A unique id in every call to a configured executor: some (Dask's) run a
+            # call only once when it is submitted again with the same arguments.
+            call_id = uuid.uuid4().hex if config.kind == "foreign" else None
+            call = functools.partial(_run_in_worker, task.fn, task.args, task.kwargs, app_reference, call_id)
         try:
             inner = pool.submit(call)
         except concurrent.futures.BrokenExecutor:
@@ -1185,7 +1184,7 @@ def _run_in_worker(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     app_reference: tuple[str, str | None] | None,
-    call_id: str,
+    call_id: str | None,
 ) -> Any:
     """Runs a task in another process, inside an app context of the same app when
     one can be had there: the parent's own app in a forked worker, else the one
@@ -1248,6 +1247,11 @@ def _results_in_order(futures: list[TaskFuture[T]], end_time: float | None) -> I
 
 def _check_picklable(fn: Callable[..., Any]) -> None:
     try:
+        if fn in _picklable_functions:
+            return
+    except TypeError:  # not hashable, or not weakly referable: check it every time
+        pass
+    try:
         pickle.dumps(fn)
     except Exception as error:
         raise TypeError(
@@ -1255,6 +1259,14 @@ def _check_picklable(fn: Callable[..., Any]) -> None:
             f" ({error}): submit a function defined at module level (not a lambda, closure or"
             " nested function), or use EXECUTOR_TYPE='thread'"
         ) from None
+    try:
+        _picklable_functions.add(fn)
+    except TypeError:
+        pass
+
+
+# Functions already pickled once, so that each is checked on its first submit only.
+_picklable_functions: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
 
 
 def _describe(fn: Callable[..., Any]) -> str:
