@@ -1,0 +1,109 @@
+"""Task functions for the Flask-Executor demo that don't need Flask.
+
+``csv_stats`` runs on a *process* pool, so it has to be picklable: a plain
+module-level function in an importable module, taking plain data (the CSV
+text) rather than request objects.  ``count_primes`` runs on a thread pool
+and reports its progress with :func:`flask_executor.report_progress`.
+"""
+
+import csv
+import io
+import math
+import os
+import statistics
+import time
+
+
+def _number(text):
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def csv_stats(text):
+    """Return count, mean, min and max of every numeric column of ``text``.
+
+    A column is numeric when each of its non-empty cells parses as a number.
+    The result is plain data (it is pickled back to the web process)::
+
+        {"rows": 3, "columns": {"price": {"count": 3, "mean": 2.0, ...}},
+         "non_numeric": ["name"], "pid": 4242}
+    """
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if not header:
+        raise ValueError("the CSV file is empty")
+    header = [name.strip() or f"column {i + 1}" for i, name in enumerate(header)]
+    values = {name: [] for name in header}
+    numeric = {name: True for name in header}
+    rows = 0
+    for row in reader:
+        if not any(cell.strip() for cell in row):
+            continue
+        rows += 1
+        for name, cell in zip(header, row):
+            cell = cell.strip()
+            if not cell or not numeric[name]:
+                continue
+            number = _number(cell)
+            if number is None:
+                numeric[name] = False
+            else:
+                values[name].append(number)
+    columns = {}
+    for name in header:
+        data = values[name]
+        if numeric[name] and data:
+            columns[name] = {
+                "count": len(data),
+                "mean": statistics.fmean(data),
+                "min": min(data),
+                "max": max(data),
+            }
+    return {
+        "rows": rows,
+        "columns": columns,
+        "non_numeric": [name for name in header if name not in columns],
+        "pid": os.getpid(),  # shows that a worker process did the work
+    }
+
+
+def _base_primes(limit):
+    sieve = bytearray([1]) * (limit + 1)
+    sieve[0:2] = b"\x00\x00"
+    for i in range(2, math.isqrt(limit) + 1):
+        if sieve[i]:
+            sieve[i * i :: i] = bytes(len(range(i * i, limit + 1, i)))
+    return [i for i, is_prime in enumerate(sieve) if is_prime]
+
+
+def count_primes(limit, steps=20, delay=0.0, report=None):
+    """Count the primes below ``limit`` with a segmented sieve in ``steps`` chunks.
+
+    After each chunk ``report(done, total, message)`` is called (if given) and
+    the function sleeps ``delay`` seconds, so that a demo can show progress.
+    """
+    limit = max(int(limit), 2)
+    steps = max(1, min(int(steps), limit))
+    base = _base_primes(math.isqrt(limit))
+    count = 0
+    chunk = -(-limit // steps)  # ceil
+    for step in range(steps):
+        lo, hi = step * chunk, min((step + 1) * chunk, limit)
+        if lo < hi:
+            segment = bytearray([1]) * (hi - lo)
+            for n in range(lo, min(hi, 2)):
+                segment[n - lo] = 0
+            for p in base:
+                start = max(p * p, -(-lo // p) * p)
+                if start >= hi:
+                    continue
+                segment[start - lo :: p] = bytes(len(range(start, hi, p)))
+            count += sum(segment)
+        if report is not None:
+            report(step + 1, steps, f"{count:,} primes below {hi:,}")
+        if delay:
+            time.sleep(delay)
+    return count

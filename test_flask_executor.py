@@ -1,0 +1,1424 @@
+"""Tests for flask_executor.
+
+Core suite: the public API, context handling, the six defects of 1.0, FutureCollection,
+jobs, default done callbacks, process pools and exported names.
+
+Everything here uses real parts: real thread and process pools, real Flask apps with
+their test clients, request contexts and CLI runner. No timing assertions: tests wait
+(with generous bounds) for things to happen, never measure how long they took.
+"""
+import concurrent.futures
+import io
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import warnings
+
+import click
+import pytest
+from flask import (
+    Flask,
+    current_app,
+    g,
+    has_app_context,
+    has_request_context,
+    request,
+    session,
+    url_for,
+)
+
+import flask_executor
+from flask_executor import Executor, FutureCollection
+
+pytestmark = pytest.mark.timeout(60)
+
+# Generous bound used whenever a test waits for something to happen.
+WAIT_SECONDS = 30
+
+
+# ---------------------------------------------------------------------------
+# Module-level helpers (module level so that process pools can pickle them)
+# ---------------------------------------------------------------------------
+
+def square_number(number):
+    return number * number
+
+
+def add_two_numbers(first, second):
+    return first + second
+
+
+def app_marker_in_current_context():
+    """The APP_MARKER of the current app, or None when the task runs with no app context."""
+    if not has_app_context():
+        return None
+    return current_app.config.get('APP_MARKER')
+
+
+def write_marker_file(path, text='ran'):
+    pathlib.Path(path).write_text(text)
+    return text
+
+
+def raise_value_error_with_message(message):
+    raise ValueError(message)
+
+
+def divide_one_by_zero():
+    return 1 / 0
+
+
+def wait_for_event_then_return(event, value):
+    """Block (thread pools only) until event is set, then return value."""
+    event.wait(WAIT_SECONDS)
+    return value
+
+
+def wait_for_condition(predicate, timeout=WAIT_SECONDS, interval=0.01):
+    """Poll predicate until it is true or timeout passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def error_records_from_logger(caplog, logger_name, level=logging.ERROR):
+    return [r for r in caplog.records if r.name == logger_name and r.levelno == level]
+
+
+def app_error_records_mentioning(caplog, app, text):
+    """ERROR records on app.logger whose message or exception mentions text."""
+    return [r for r in error_records_from_logger(caplog, app.logger.name)
+            if text in r.getMessage() + repr(r.exc_info)]
+
+
+def g_scratch_stays_own():
+    """Write a value of this task's own to g, pause so other tasks run, and tell whether g
+    still holds it: a g shared with any other task would show that task's value."""
+    own_scratch = uuid.uuid4().hex
+    g.scratch = own_scratch
+    time.sleep(0.0005)
+    return g.scratch == own_scratch
+
+
+def run_concurrently(target, count):
+    """Run target(index) in count threads at once; return the errors they raised."""
+    errors = []
+
+    def guarded(index):
+        try:
+            target(index)
+        except BaseException as exc:  # reported to the caller
+            errors.append((index, repr(exc)))
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT_SECONDS)
+    return errors
+
+
+# A module-level executor with a module-level job, so the job can be pickled by
+# reference and submitted to a process pool.
+process_jobs_executor = Executor(name='processjobs')
+
+
+@process_jobs_executor.job
+def cube_number_job(number):
+    """Return the cube of number."""
+    return number ** 3
+
+
+# ---------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------
+
+def build_flask_app():
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY='core-test-secret',
+        TESTING=True,
+        APP_MARKER=uuid.uuid4().hex,
+    )
+    return app
+
+
+@pytest.fixture
+def app():
+    return build_flask_app()
+
+
+@pytest.fixture
+def make_executor(app):
+    """Factory: make_executor(name='', target_app=None, **config) -> Executor bound to the app.
+
+    Config keys are given unprefixed (EXECUTOR_TYPE=...) and get the NAME_ prefix for a
+    named executor. Every executor made is shut down after the test.
+    """
+    created = []
+
+    def build(name='', target_app=None, **config):
+        target = app if target_app is None else target_app
+        prefix = name.upper() + '_' if name else ''
+        for key, value in config.items():
+            target.config[prefix + key] = value
+        executor = Executor(target, name=name)
+        created.append(executor)
+        return executor
+
+    yield build
+    for executor in created:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def executor(make_executor):
+    return make_executor()
+
+
+# ---------------------------------------------------------------------------
+# 1. API
+# ---------------------------------------------------------------------------
+
+def test_executor_with_app_is_registered_in_extensions(app):
+    executor = Executor(app)
+    try:
+        assert app.extensions['executor'] is executor
+        assert executor.name == ''
+        assert isinstance(executor, concurrent.futures.Executor)
+    finally:
+        executor.shutdown()
+
+
+def test_executor_init_app_registers_and_runs_tasks(app):
+    executor = Executor()
+    executor.init_app(app)
+    try:
+        assert app.extensions['executor'] is executor
+        assert executor.submit(square_number, 7).result(timeout=WAIT_SECONDS) == 49
+    finally:
+        executor.shutdown()
+
+
+@pytest.mark.parametrize('bad_name', ['bad-name', 'a b', 'dot.name', 'slash/name'])
+def test_executor_name_with_invalid_characters_raises_value_error(app, bad_name):
+    with pytest.raises(ValueError):
+        Executor(app, name=bad_name)
+
+
+def test_named_executors_register_under_their_names(app):
+    default_executor = Executor(app)
+    custom_executor = Executor(app, name='custom')
+    other_executor = Executor(app, name='Other_2')
+    try:
+        assert app.extensions['executor'] is default_executor
+        assert app.extensions['customexecutor'] is custom_executor
+        assert app.extensions['Other_2executor'] is other_executor
+        assert custom_executor.name == 'custom'
+    finally:
+        for executor in (default_executor, custom_executor, other_executor):
+            executor.shutdown()
+
+
+def test_named_executor_reads_prefixed_config_keys(make_executor, app):
+    # The unprefixed key says 'process' (a lambda would be rejected there); the named
+    # executor must use its own CUSTOM_EXECUTOR_TYPE='sync' and run inline.
+    app.config['EXECUTOR_TYPE'] = 'process'
+    custom = make_executor(name='custom', EXECUTOR_TYPE='sync')
+    assert app.config['CUSTOM_EXECUTOR_TYPE'] == 'sync'
+    caller_thread = threading.get_ident()
+    future = custom.submit(lambda: threading.get_ident())
+    assert future.done()
+    assert future.result() == caller_thread
+
+
+def test_named_executor_prefixed_max_workers_validation_names_the_key(app):
+    app.config['CUSTOM_EXECUTOR_MAX_WORKERS'] = '0'
+    with pytest.raises(ValueError, match='CUSTOM_EXECUTOR_MAX_WORKERS'):
+        Executor(app, name='custom')
+
+
+@pytest.mark.parametrize('key,bad_value', [
+    ('EXECUTOR_MAX_WORKERS', 'lots'),
+    ('EXECUTOR_MAX_WORKERS', '0'),
+    ('EXECUTOR_TYPE', 'carrier-pigeon'),
+    ('EXECUTOR_PROPAGATE_EXCEPTIONS', 'maybe'),
+    ('EXECUTOR_PUSH_APP_CONTEXT', 'sometimes'),
+    ('EXECUTOR_FUTURES_MAX_LENGTH', '-1'),
+])
+def test_invalid_config_value_raises_value_error_naming_key(app, key, bad_value):
+    app.config[key] = bad_value
+    with pytest.raises(ValueError, match=key):
+        Executor(app)
+
+
+def test_string_max_workers_is_honoured(make_executor):
+    executor = make_executor(EXECUTOR_MAX_WORKERS='5')
+    all_five_running = threading.Barrier(5, timeout=WAIT_SECONDS)
+    release = threading.Event()
+    sixth_started = threading.Event()
+
+    def wait_for_all_five():
+        all_five_running.wait()  # raises BrokenBarrierError if fewer than 5 run at once
+        release.wait(WAIT_SECONDS)
+        return True
+
+    try:
+        five = [executor.submit(wait_for_all_five) for _ in range(5)]
+        sixth = executor.submit(sixth_started.set)
+        # All five workers are busy, so the sixth task cannot start.
+        assert wait_for_condition(lambda: all(f.running() for f in five))
+        assert not sixth_started.wait(0.3)
+        assert not sixth.done()
+    finally:
+        release.set()
+    assert [f.result(timeout=WAIT_SECONDS) for f in five] == [True] * 5
+    sixth.result(timeout=WAIT_SECONDS)
+    assert sixth_started.is_set()
+
+
+def test_string_type_process_gives_process_pool(make_executor):
+    executor = make_executor(EXECUTOR_TYPE='process', EXECUTOR_MAX_WORKERS='2')
+    worker_pid = executor.submit(os.getpid).result(timeout=WAIT_SECONDS)
+    assert worker_pid != os.getpid()
+
+
+def test_string_push_app_context_false_runs_tasks_bare(make_executor):
+    executor = make_executor(EXECUTOR_PUSH_APP_CONTEXT='false')
+    future = executor.submit(lambda: (has_app_context(), has_request_context()))
+    assert future.result(timeout=WAIT_SECONDS) == (False, False)
+
+
+def test_submit_returns_concurrent_futures_future(executor):
+    future = executor.submit(add_two_numbers, 2, second=3)
+    assert isinstance(future, concurrent.futures.Future)
+    assert future.result(timeout=WAIT_SECONDS) == 5
+    assert future.done()
+
+
+@pytest.mark.parametrize('executor_type', ['thread', 'process', 'sync'])
+def test_submitted_futures_work_with_wait_and_as_completed(make_executor, executor_type):
+    executor = make_executor(EXECUTOR_TYPE=executor_type, EXECUTOR_MAX_WORKERS=2)
+    futures = [executor.submit(square_number, n) for n in range(10)]
+    done, not_done = concurrent.futures.wait(futures, timeout=WAIT_SECONDS)
+    assert set(done) == set(futures)
+    assert not not_done
+    completed = list(concurrent.futures.as_completed(
+        [executor.submit(square_number, n) for n in range(10)], timeout=WAIT_SECONDS))
+    assert sorted(f.result() for f in completed) == [n * n for n in range(10)]
+
+
+def test_submitted_future_is_hashable(executor):
+    first = executor.submit(square_number, 2)
+    second = executor.submit(square_number, 3)
+    by_future = {first: 'first', second: 'second'}
+    assert by_future[first] == 'first'
+    assert by_future[second] == 'second'
+    assert len({first, second, first}) == 2
+    assert isinstance(hash(first), int)
+
+
+def test_map_returns_results_in_input_order(executor):
+    def sleep_then_return(number):
+        time.sleep((10 - number) * 0.005)  # later items finish first
+        return number
+
+    assert list(executor.map(sleep_then_return, range(10))) == list(range(10))
+    assert list(executor.map(add_two_numbers, [1, 2, 3], [10, 20, 30])) == [11, 22, 33]
+
+
+def test_map_timeout_raises_timeout_error(executor):
+    release = threading.Event()
+    try:
+        results = executor.map(wait_for_event_then_return, [release, release], [1, 2],
+                               timeout=0.2)
+        with pytest.raises(concurrent.futures.TimeoutError):
+            list(results)
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize('executor_type', ['thread', 'process', 'sync'])
+def test_submit_after_shutdown_raises_runtime_error(make_executor, executor_type):
+    executor = make_executor(EXECUTOR_TYPE=executor_type, EXECUTOR_MAX_WORKERS=2)
+    assert executor.submit(square_number, 2).result(timeout=WAIT_SECONDS) == 4
+    executor.shutdown()
+    with pytest.raises(RuntimeError):
+        executor.submit(square_number, 3)
+    with pytest.raises(RuntimeError):
+        executor.submit_stored('after-shutdown', square_number, 3)
+    assert executor.futures.done('after-shutdown') is None
+
+
+def test_shutdown_wait_true_waits_for_running_tasks(executor):
+    finished = []
+
+    def slow_append():
+        time.sleep(0.2)
+        finished.append('done')
+        return 'slow'
+
+    future = executor.submit(slow_append)
+    executor.shutdown(wait=True)
+    assert finished == ['done']
+    assert future.done()
+    assert future.result() == 'slow'
+
+
+def test_shutdown_cancel_futures_cancels_queued_tasks(make_executor):
+    executor = make_executor(EXECUTOR_MAX_WORKERS=1)
+    release = threading.Event()
+    started = threading.Event()
+    ran = []
+
+    def block():
+        started.set()
+        release.wait(WAIT_SECONDS)
+        return 'blocker'
+
+    blocker = executor.submit(block)
+    assert started.wait(WAIT_SECONDS)
+    queued = [executor.submit(ran.append, n) for n in range(5)]
+    try:
+        executor.shutdown(wait=False, cancel_futures=True)
+    finally:
+        release.set()
+    assert blocker.result(timeout=WAIT_SECONDS) == 'blocker'
+    assert wait_for_condition(lambda: all(f.cancelled() for f in queued))
+    time.sleep(0.2)
+    assert ran == []
+
+
+def test_init_app_after_shutdown_makes_executor_usable_again(executor, app):
+    executor.shutdown()
+    with pytest.raises(RuntimeError):
+        executor.submit(square_number, 2)
+    executor.init_app(app)
+    assert executor.submit(square_number, 4).result(timeout=WAIT_SECONDS) == 16
+
+
+def test_init_app_with_another_app_rebinds_executor(executor, app):
+    other_app = build_flask_app()
+    assert executor.submit(app_marker_in_current_context).result(
+        timeout=WAIT_SECONDS) == app.config['APP_MARKER']
+    executor.init_app(other_app)
+    assert other_app.extensions['executor'] is executor
+    assert executor.submit(app_marker_in_current_context).result(
+        timeout=WAIT_SECONDS) == other_app.config['APP_MARKER']
+
+
+def test_jobs_decorated_before_init_app_work(app):
+    executor = Executor()
+
+    @executor.job
+    def triple(number):
+        return number * 3
+
+    executor.init_app(app)
+    try:
+        assert triple.submit(4).result(timeout=WAIT_SECONDS) == 12
+        assert list(triple.map([1, 2])) == [3, 6]
+    finally:
+        executor.shutdown()
+
+
+def test_sync_executor_runs_inline_and_returns_finished_future(make_executor, app):
+    executor = make_executor(EXECUTOR_TYPE='sync')
+    caller = threading.get_ident()
+    future = executor.submit(lambda: (threading.get_ident(), current_app.config['APP_MARKER']))
+    assert future.done()
+    assert isinstance(future, concurrent.futures.Future)
+    thread_id, marker = future.result()
+    assert thread_id == caller
+    assert marker == app.config['APP_MARKER']
+
+
+# ---------------------------------------------------------------------------
+# 2. Contexts for thread pools
+# ---------------------------------------------------------------------------
+
+def test_task_sees_current_app(executor, app):
+    future = executor.submit(lambda: (current_app.name, current_app.config is app.config))
+    assert future.result(timeout=WAIT_SECONDS) == (app.name, True)
+
+
+@pytest.mark.parametrize('executor_type', ['thread', 'sync'])
+def test_task_gets_a_copy_of_g(make_executor, app, executor_type):
+    executor = make_executor(EXECUTOR_TYPE=executor_type)
+
+    def read_and_overwrite_g():
+        seen = (g.get('user'), g.get('leaked'))
+        g.user = 'bob'
+        g.leaked = 'from-task'
+        return seen
+
+    with app.app_context():
+        g.user = 'alice'
+        assert executor.submit(read_and_overwrite_g).result(
+            timeout=WAIT_SECONDS) == ('alice', None)
+        # The task's writes do not leak back to the submitter...
+        assert g.user == 'alice'
+        assert 'leaked' not in g
+        # ...nor to the next task, which gets a fresh copy.
+        assert executor.submit(read_and_overwrite_g).result(
+            timeout=WAIT_SECONDS) == ('alice', None)
+
+
+def test_task_gets_a_copy_of_g_in_request(executor, app):
+    def read_and_overwrite_g():
+        seen = g.get('request_user')
+        g.request_user = 'changed-in-task'
+        return seen
+
+    with app.test_request_context('/'):
+        g.request_user = 'carol'
+        assert executor.submit(read_and_overwrite_g).result(timeout=WAIT_SECONDS) == 'carol'
+        assert g.request_user == 'carol'
+
+
+def test_task_sees_request_path_args_and_form(executor, app):
+    def read_request():
+        return (has_request_context(), request.path, request.args.get('page'),
+                request.form.get('title'), request.method)
+
+    with app.test_request_context('/submit?page=2', method='POST', data={'title': 'hello'}):
+        result = executor.submit(read_request).result(timeout=WAIT_SECONDS)
+    assert result == (True, '/submit', '2', 'hello', 'POST')
+
+
+def test_task_sees_request_through_test_client(executor, app):
+    @app.route('/echo/<word>')
+    def echo_view(word):
+        future = executor.submit(lambda: f'{request.path}|{request.args["suffix"]}|{word}')
+        return future.result(timeout=WAIT_SECONDS)
+
+    response = app.test_client().get('/echo/hi?suffix=there')
+    assert response.status_code == 200
+    assert response.get_data(as_text=True) == '/echo/hi|there|hi'
+
+
+def test_task_sees_session(executor, app):
+    with app.test_request_context('/'):
+        session['user'] = 'dora'
+        assert executor.submit(lambda: session.get('user')).result(
+            timeout=WAIT_SECONDS) == 'dora'
+
+
+def test_task_sees_session_from_cookie_through_test_client(executor, app):
+    @app.route('/login/<user>')
+    def login_view(user):
+        session['user'] = user
+        return 'ok'
+
+    @app.route('/whoami')
+    def whoami_view():
+        return executor.submit(lambda: session.get('user', 'nobody')).result(
+            timeout=WAIT_SECONDS)
+
+    client = app.test_client()
+    assert client.get('/whoami').get_data(as_text=True) == 'nobody'
+    assert client.get('/login/erin').status_code == 200
+    assert client.get('/whoami').get_data(as_text=True) == 'erin'
+
+
+def test_url_for_works_inside_task(executor, app):
+    @app.route('/items/<int:item_id>')
+    def item_detail(item_id):
+        return str(item_id)
+
+    def build_urls():
+        return url_for('item_detail', item_id=7), url_for('item_detail', item_id=8, _external=True)
+
+    with app.test_request_context('/', base_url='http://example.test'):
+        relative, external = executor.submit(build_urls).result(timeout=WAIT_SECONDS)
+    assert relative == '/items/7'
+    assert external == 'http://example.test/items/8'
+
+
+def test_task_reading_uploaded_file_does_not_close_it_for_the_view(executor, app):
+    task_request_torn_down = threading.Event()
+
+    @app.teardown_request
+    def note_task_teardown(exc):
+        # While the view below waits, only the task's request context can be torn down.
+        task_request_torn_down.set()
+
+    @app.post('/upload')
+    def upload_view():
+        filename = executor.submit(lambda: request.files['document'].filename).result(
+            timeout=WAIT_SECONDS)
+        assert task_request_torn_down.wait(WAIT_SECONDS)
+        # The task's copy of the request context is gone; the view's upload is still open.
+        return filename + ':' + request.files['document'].read().decode()
+
+    response = app.test_client().post(
+        '/upload', data={'document': (io.BytesIO(b'file-content'), 'notes.txt')})
+    assert response.get_data(as_text=True) == 'notes.txt:file-content'
+    assert response.status_code == 200
+
+
+def test_teardown_functions_run_after_each_task(executor, app):
+    appcontext_teardowns = []
+    request_teardowns = []
+    task_threads = set()
+
+    @app.teardown_appcontext
+    def count_appcontext_teardown(exc):
+        appcontext_teardowns.append(threading.get_ident())
+
+    @app.teardown_request
+    def count_request_teardown(exc):
+        request_teardowns.append(threading.get_ident())
+
+    def record_thread():
+        task_threads.add(threading.get_ident())
+        return 'ok'
+
+    task_count = 5
+    with app.test_request_context('/'):
+        main_thread = threading.get_ident()
+        futures = [executor.submit(record_thread) for _ in range(task_count)]
+        assert [f.result(timeout=WAIT_SECONDS) for f in futures] == ['ok'] * task_count
+        assert wait_for_condition(lambda: len(appcontext_teardowns) >= task_count)
+        assert wait_for_condition(lambda: len(request_teardowns) >= task_count)
+        time.sleep(0.1)
+        # Once per task; the submitter's own context has not been torn down yet.
+        assert len(appcontext_teardowns) == task_count
+        assert len(request_teardowns) == task_count
+        assert main_thread not in appcontext_teardowns
+        assert set(appcontext_teardowns) <= task_threads
+        assert set(request_teardowns) <= task_threads
+
+
+def test_teardown_appcontext_runs_after_task_submitted_without_request(executor, app):
+    appcontext_teardowns = []
+
+    @app.teardown_appcontext
+    def count_appcontext_teardown(exc):
+        appcontext_teardowns.append(exc)
+
+    futures = [executor.submit(square_number, n) for n in range(3)]
+    assert [f.result(timeout=WAIT_SECONDS) for f in futures] == [0, 1, 4]
+    assert wait_for_condition(lambda: len(appcontext_teardowns) == 3)
+
+
+def test_defect2_submit_and_map_in_app_context_only(executor, app):
+    def context_report(number=0):
+        return (number, has_app_context(), has_request_context(),
+                current_app.config['APP_MARKER'], g.get('cli_user'))
+
+    marker = app.config['APP_MARKER']
+    with app.app_context():
+        g.cli_user = 'frank'
+        assert executor.submit(context_report).result(timeout=WAIT_SECONDS) == (
+            0, True, False, marker, 'frank')
+        assert list(executor.map(context_report, [1, 2, 3])) == [
+            (n, True, False, marker, 'frank') for n in [1, 2, 3]]
+
+
+def test_defect2_submit_and_map_in_cli_command(executor, app):
+    marker = app.config['APP_MARKER']
+
+    @app.cli.command('crunch-numbers')
+    def crunch_numbers_command():
+        future = executor.submit(lambda: current_app.config['APP_MARKER'])
+        squares = list(executor.map(
+            lambda n: (n * n, current_app.config['APP_MARKER']), [1, 2, 3]))
+        click.echo(f'{future.result(timeout=WAIT_SECONDS)} {squares!r}')
+
+    result = app.test_cli_runner().invoke(args=['crunch-numbers'])
+    assert result.exception is None, result.output
+    assert result.exit_code == 0
+    assert result.output.strip() == f'{marker} {[(1, marker), (4, marker), (9, marker)]!r}'
+
+
+def test_defect2_submit_and_map_in_cli_command_without_app_context(executor, app):
+    marker = app.config['APP_MARKER']
+
+    @app.cli.command('crunch-bare', with_appcontext=False)
+    def crunch_bare_command():
+        assert not has_app_context()
+        future = executor.submit(app_marker_in_current_context)
+        markers = list(executor.map(lambda n: app_marker_in_current_context(), [1, 2]))
+        click.echo(f'{future.result(timeout=WAIT_SECONDS)} {markers!r}')
+
+    result = app.test_cli_runner().invoke(args=['crunch-bare'])
+    assert result.exception is None, result.output
+    assert result.output.strip() == f'{marker} {[marker, marker]!r}'
+
+
+def test_defect2_submit_and_map_with_no_context_at_all(app):
+    # Start-up code: an executor bound to the app, used with no context pushed.
+    executor = Executor(app)
+    try:
+        assert not has_app_context()
+        marker = app.config['APP_MARKER']
+        assert executor.submit(app_marker_in_current_context).result(
+            timeout=WAIT_SECONDS) == marker
+        assert list(executor.map(lambda n: (n, app_marker_in_current_context()), [1, 2])) == [
+            (1, marker), (2, marker)]
+        assert not has_app_context()
+    finally:
+        executor.shutdown()
+
+
+def test_defect2_submit_from_inside_another_task(make_executor, app):
+    executor = make_executor(EXECUTOR_MAX_WORKERS=4)
+
+    def inner_task():
+        return (current_app.config['APP_MARKER'], request.path, g.get('outer_value'))
+
+    def outer_task():
+        g.outer_value = 'set-by-outer'
+        own_executor = current_app.extensions['executor']
+        inner = own_executor.submit(inner_task).result(timeout=WAIT_SECONDS)
+        mapped = list(own_executor.map(square_number, [2, 3]))
+        return inner, mapped
+
+    with app.test_request_context('/outer'):
+        inner, mapped = executor.submit(outer_task).result(timeout=WAIT_SECONDS)
+    assert inner == (app.config['APP_MARKER'], '/outer', 'set-by-outer')
+    assert mapped == [4, 9]
+
+    # And from a task submitted with no request.
+    def outer_without_request():
+        return current_app.extensions['executor'].submit(
+            app_marker_in_current_context).result(timeout=WAIT_SECONDS)
+
+    assert executor.submit(outer_without_request).result(
+        timeout=WAIT_SECONDS) == app.config['APP_MARKER']
+
+
+# ---------------------------------------------------------------------------
+# 3. The defects of 1.0
+# ---------------------------------------------------------------------------
+
+def test_defect1_map_in_request_with_several_workers(make_executor, app):
+    executor = make_executor(EXECUTOR_MAX_WORKERS=4)
+
+    def per_item(number):
+        # If tasks shared one context copy, concurrent pushes would fail, and the
+        # counter in g would be seen by other tasks.
+        g.counter = g.get('counter', 0) + 1
+        time.sleep(0.001)
+        return number * int(request.args['mult']), g.counter, session.get('who')
+
+    with app.test_request_context('/map?mult=3'):
+        session['who'] = 'mapper'
+        results = list(executor.map(per_item, range(200)))
+    assert results == [(n * 3, 1, 'mapper') for n in range(200)]
+
+
+def test_defect1_map_in_real_request_with_several_workers(make_executor, app):
+    executor = make_executor(EXECUTOR_MAX_WORKERS=4)
+
+    @app.route('/total')
+    def total_view():
+        offset = int(request.args['offset'])
+        def add_offset(number):
+            g.seen_by = number  # would clash if tasks shared one g
+            time.sleep(0.001)
+            assert g.seen_by == number
+            return number + int(request.args['offset'])
+
+        values = list(executor.map(add_offset, range(100)))
+        return {'total': sum(values), 'expected': sum(range(100)) + 100 * offset}
+
+    response = app.test_client().get('/total?offset=5')
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body['total'] == body['expected'] == sum(range(100)) + 500
+
+
+def test_defect3_job_is_callable_recursive_fib(executor):
+    calling_threads = []
+
+    @executor.job
+    def fib(n):
+        calling_threads.append(threading.get_ident())
+        if n < 2:
+            return n
+        return fib(n - 1) + fib(n - 2)
+
+    assert fib(5) == 5
+    # Called directly, in this thread.
+    assert set(calling_threads) == {threading.get_ident()}
+    assert fib.submit(10).result(timeout=WAIT_SECONDS) == 55
+
+
+def test_defect4_submit_stored_duplicate_key_rejected_before_running(executor, app):
+    release = threading.Event()
+    first_started = threading.Event()
+    second_ran = threading.Event()
+
+    def first_task():
+        first_started.set()
+        release.wait(WAIT_SECONDS)
+        return 'first'
+
+    # Inside a request, as a view would do it (1.0 could only submit there).
+    try:
+        with app.test_request_context('/reports'):
+            first = executor.submit_stored('report', first_task)
+            assert first_started.wait(WAIT_SECONDS)
+            with pytest.raises(ValueError):
+                executor.submit_stored('report', second_ran.set)
+            assert not second_ran.wait(0.5)
+    finally:
+        release.set()
+    assert first.result(timeout=WAIT_SECONDS) == 'first'
+    assert executor.futures.result('report', timeout=WAIT_SECONDS) == 'first'
+    assert not second_ran.wait(0.3)
+
+
+@pytest.mark.parametrize('executor_type', ['thread', 'process', 'sync'])
+def test_defect4_duplicate_key_never_runs_second_function(
+        make_executor, app, tmp_path, executor_type):
+    executor = make_executor(EXECUTOR_TYPE=executor_type, EXECUTOR_MAX_WORKERS=2)
+    first_marker = tmp_path / 'first'
+    second_marker = tmp_path / 'second'
+    with app.test_request_context('/jobs'):
+        first = executor.submit_stored('job-key', write_marker_file, str(first_marker), 'one')
+        assert first.result(timeout=WAIT_SECONDS) == 'one'
+        with pytest.raises(ValueError):
+            executor.submit_stored('job-key', write_marker_file, str(second_marker), 'two')
+    time.sleep(0.5)
+    assert first_marker.read_text() == 'one'
+    assert not second_marker.exists()
+    assert executor.futures.result('job-key') == 'one'
+
+
+def test_defect5_isolation_between_concurrent_request_contexts(make_executor, app):
+    executor = make_executor(EXECUTOR_MAX_WORKERS=8)
+    thread_count = 16
+    tasks_per_thread = 50
+    start_together = threading.Barrier(thread_count, timeout=WAIT_SECONDS)
+    results = {}
+
+    def read_everything(item=None):
+        return (request.path, request.args.get('who'), g.get('who'),
+                session.get('who'), current_app.config['APP_MARKER'], g_scratch_stays_own())
+
+    def submitter(index):
+        with app.test_request_context(f'/user/{index}?who=args-{index}'):
+            g.who = f'g-{index}'
+            session['who'] = f'session-{index}'
+            start_together.wait()
+            futures = [executor.submit(read_everything) for _ in range(tasks_per_thread)]
+            mapped = list(executor.map(read_everything, range(tasks_per_thread)))
+            results[index] = [f.result(timeout=WAIT_SECONDS) for f in futures] + mapped
+            # The tasks' writes to g never reach the submitter.
+            assert 'scratch' not in g
+
+    assert run_concurrently(submitter, thread_count) == []
+    assert sorted(results) == list(range(thread_count))
+    marker = app.config['APP_MARKER']
+    for index, seen in results.items():
+        expected = (f'/user/{index}', f'args-{index}', f'g-{index}', f'session-{index}', marker,
+                    True)
+        assert seen == [expected] * (2 * tasks_per_thread), f'submitter {index} saw another context'
+
+
+def test_defect5_isolation_between_concurrent_client_requests(make_executor, app):
+    executor = make_executor(EXECUTOR_MAX_WORKERS=8)
+    thread_count = 16
+    start_together = threading.Barrier(thread_count, timeout=WAIT_SECONDS)
+    responses = {}
+
+    def read_request_and_g(item=None):
+        return [request.view_args['index'], int(request.args['i']), g.index,
+                g_scratch_stays_own()]
+
+    @app.route('/isolated/<int:index>')
+    def isolated_view(index):
+        g.index = index
+        start_together.wait()
+        futures = [executor.submit(read_request_and_g) for _ in range(20)]
+        mapped = list(executor.map(read_request_and_g, range(20)))
+        return {'seen': [f.result(timeout=WAIT_SECONDS) for f in futures] + mapped}
+
+    def make_request(index):
+        response = app.test_client().get(f'/isolated/{index}?i={index}')
+        responses[index] = response.get_json()['seen']
+
+    assert run_concurrently(make_request, thread_count) == []
+    for index in range(thread_count):
+        assert responses[index] == [[index, index, index, True]] * 40
+
+
+def test_defect6_source_uses_no_private_flask_names():
+    source = pathlib.Path(flask_executor.__file__).read_text()
+    for private_name in ('_cv_app', '_cv_request', '_app_ctx_stack', '_request_ctx_stack'):
+        assert private_name not in source, private_name
+
+
+def test_defect6_using_executor_in_request_emits_no_deprecation_warning(make_executor, app):
+    executor = make_executor(EXECUTOR_MAX_WORKERS=4)
+    callback_markers = []
+    executor.add_default_done_callback(
+        lambda future: callback_markers.append(current_app.config['APP_MARKER']))
+
+    @executor.job
+    def job_reading_request(number):
+        return number, request.path, g.get('tag'), session.get('tag')
+
+    @app.route('/warn-check')
+    def warn_check_view():
+        g.tag = 'g-tag'
+        session['tag'] = 'session-tag'
+        first = executor.submit(lambda: (request.args['q'], url_for('warn_check_view')))
+        stored = executor.submit_stored('warn-key', job_reading_request, 0)
+        mapped = list(executor.map(job_reading_request, [1, 2, 3]))
+        jobbed = job_reading_request.submit(4).result(timeout=WAIT_SECONDS)
+        return {'first': list(first.result(timeout=WAIT_SECONDS)),
+                'stored': list(stored.result(timeout=WAIT_SECONDS)),
+                'mapped': [list(m) for m in mapped], 'jobbed': list(jobbed)}
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        response = app.test_client().get('/warn-check?q=x')
+        with app.app_context():
+            executor.submit(square_number, 2).result(timeout=WAIT_SECONDS)
+        executor.submit(square_number, 3).result(timeout=WAIT_SECONDS)
+        assert wait_for_condition(lambda: len(callback_markers) >= 8)
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body['first'] == ['x', '/warn-check']
+    assert body['stored'] == [0, '/warn-check', 'g-tag', 'session-tag']
+    assert body['mapped'] == [[n, '/warn-check', 'g-tag', 'session-tag'] for n in [1, 2, 3]]
+    assert body['jobbed'] == [4, '/warn-check', 'g-tag', 'session-tag']
+    deprecations = [w for w in caught
+                    if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    assert deprecations == [], [str(w.message) for w in deprecations]
+
+
+def test_importing_module_emits_no_deprecation_warning():
+    module_dir = str(pathlib.Path(flask_executor.__file__).parent)
+    completed = subprocess.run(
+        [sys.executable, '-W', 'error::DeprecationWarning',
+         '-W', 'error::PendingDeprecationWarning', '-c', 'import flask_executor'],
+        cwd=module_dir, capture_output=True, text=True, timeout=WAIT_SECONDS)
+    assert completed.returncode == 0, completed.stderr
+
+
+# ---------------------------------------------------------------------------
+# 4. FutureCollection
+# ---------------------------------------------------------------------------
+
+def make_finished_future(value):
+    future = concurrent.futures.Future()
+    future.set_running_or_notify_cancel()
+    future.set_result(value)
+    return future
+
+
+def test_future_collection_standalone_by_key_access():
+    collection = FutureCollection(max_length=10)
+    pending = concurrent.futures.Future()
+    running = concurrent.futures.Future()
+    running.set_running_or_notify_cancel()
+    finished = make_finished_future('value')
+    failed = concurrent.futures.Future()
+    failed.set_running_or_notify_cancel()
+    failed.set_exception(KeyError('missing'))
+    for key, future in [('pending', pending), ('running', running),
+                        ('finished', finished), ('failed', failed)]:
+        collection.add(key, future)
+
+    assert collection.max_length == 10
+    assert len(collection) == 4
+    assert set(collection.keys()) == {'pending', 'running', 'finished', 'failed'}
+
+    assert collection.done('finished') is True
+    assert collection.done('pending') is False
+    assert collection.running('running') is True
+    assert collection.running('pending') is False
+    assert collection.result('finished') == 'value'
+    assert collection.result('finished', timeout=1) == 'value'
+    with pytest.raises(concurrent.futures.TimeoutError):
+        collection.result('running', timeout=0.05)
+    assert isinstance(collection.exception('failed'), KeyError)
+    assert collection.exception('finished') is None
+    assert collection._state('pending') == 'PENDING'
+    assert collection._state('running') == 'RUNNING'
+    assert collection._state('finished') == 'FINISHED'
+    assert collection.cancelled('pending') is False
+    assert collection.cancel('pending') is True
+    assert collection.cancelled('pending') is True
+    assert pending.cancelled()
+    assert collection.cancel('running') is False
+
+    running.set_result('late')
+    assert collection.result('running', timeout=1) == 'late'
+
+
+def test_future_collection_unknown_key_gives_none():
+    collection = FutureCollection()
+    collection.add('known', make_finished_future(1))
+    for method_name in ('done', 'running', 'cancelled', 'cancel', 'exception', '_state'):
+        assert getattr(collection, method_name)('unknown') is None, method_name
+    assert collection.result('unknown') is None
+    assert collection.result('unknown', timeout=0.1) is None
+    assert collection.pop('unknown') is None
+    assert len(collection) == 1
+
+
+def test_future_collection_pop_add_duplicate_and_membership():
+    collection = FutureCollection()
+    first = make_finished_future('first')
+    other = make_finished_future('other')
+    collection.add('key', first)
+    with pytest.raises(ValueError):
+        collection.add('key', other)
+    assert collection.result('key') == 'first'
+    assert first in collection
+    assert other not in collection
+    assert collection.pop('key') is first
+    assert first not in collection
+    assert len(collection) == 0
+    assert collection.pop('key') is None
+    collection.add('key', other)  # the key is free again
+    assert collection.result('key') == 'other'
+
+
+def test_future_collection_default_max_length_is_50():
+    assert FutureCollection().max_length == 50
+
+
+def test_future_collection_evicts_finished_oldest_first():
+    collection = FutureCollection(max_length=3)
+    old_done = make_finished_future('a')
+    unfinished_b = concurrent.futures.Future()
+    newer_done = make_finished_future('c')
+    unfinished_d = concurrent.futures.Future()
+    collection.add('a', old_done)
+    collection.add('b', unfinished_b)
+    collection.add('c', newer_done)
+    collection.add('d', unfinished_d)
+    # Over max_length: the oldest finished one goes.
+    assert len(collection) == 3
+    assert collection.done('a') is None
+    assert set(collection.keys()) == {'b', 'c', 'd'}
+
+    collection.add('e', concurrent.futures.Future())
+    # The remaining finished one goes before any unfinished one, although it is newer.
+    assert set(collection.keys()) == {'b', 'd', 'e'}
+
+    collection.add('f', concurrent.futures.Future())
+    # All stored are unfinished: the oldest unfinished goes.
+    assert set(collection.keys()) == {'d', 'e', 'f'}
+    assert unfinished_b not in collection
+
+
+def test_future_collection_max_length_zero_means_no_limit():
+    collection = FutureCollection(max_length=0)
+    for index in range(120):
+        collection.add(index, make_finished_future(index))
+    assert len(collection) == 120
+    assert collection.result(0) == 0
+
+
+def test_future_collection_is_thread_safe():
+    collection = FutureCollection(max_length=0)
+    start_together = threading.Barrier(8, timeout=WAIT_SECONDS)
+
+    def add_and_pop_many(thread_index):
+        start_together.wait()
+        for item in range(200):
+            collection.add((thread_index, item), make_finished_future(item))
+        for item in range(0, 200, 2):
+            assert collection.pop((thread_index, item)).result() == item
+
+    assert run_concurrently(add_and_pop_many, 8) == []
+    assert len(collection) == 800
+    assert set(collection.keys()) == {(t, i) for t in range(8) for i in range(1, 200, 2)}
+
+
+def test_executor_futures_stored_by_key(executor):
+    release = threading.Event()
+    try:
+        future = executor.submit_stored(
+            'stored-key', wait_for_event_then_return, release, 'stored-value')
+        assert isinstance(executor.futures, FutureCollection)
+        assert future in executor.futures
+        assert len(executor.futures) == 1
+        assert wait_for_condition(lambda: executor.futures.running('stored-key'))
+        assert executor.futures.done('stored-key') is False
+        assert executor.futures._state('stored-key') == 'RUNNING'
+        with pytest.raises(concurrent.futures.TimeoutError):
+            executor.futures.result('stored-key', timeout=0.05)
+    finally:
+        release.set()
+    assert executor.futures.result('stored-key', timeout=WAIT_SECONDS) == 'stored-value'
+    assert executor.futures.done('stored-key') is True
+    assert executor.futures._state('stored-key') == 'FINISHED'
+    assert executor.futures.exception('stored-key') is None
+    assert executor.futures.pop('stored-key') is future
+    assert executor.futures.done('stored-key') is None
+    assert len(executor.futures) == 0
+
+
+def test_executor_futures_cancel_queued_by_key(make_executor):
+    executor = make_executor(EXECUTOR_MAX_WORKERS=1)
+    release = threading.Event()
+    started = threading.Event()
+    queued_ran = threading.Event()
+
+    def block():
+        started.set()
+        release.wait(WAIT_SECONDS)
+
+    try:
+        executor.submit_stored('blocker', block)
+        assert started.wait(WAIT_SECONDS)
+        executor.submit_stored('queued', queued_ran.set)
+        assert executor.futures.cancel('queued') is True
+        assert executor.futures.cancelled('queued') is True
+    finally:
+        release.set()
+    executor.futures.result('blocker', timeout=WAIT_SECONDS)
+    assert not queued_ran.wait(0.3)
+
+
+def test_executor_futures_max_length_config_and_eviction_warning(make_executor, app, caplog):
+    caplog.set_level(logging.WARNING)
+    executor = make_executor(EXECUTOR_FUTURES_MAX_LENGTH='2', EXECUTOR_MAX_WORKERS=4)
+    assert executor.futures.max_length == 2
+    release = threading.Event()
+    try:
+        executor.submit_stored('done-one', square_number, 2).result(timeout=WAIT_SECONDS)
+        executor.submit_stored('unfinished-one', wait_for_event_then_return, release, 'u1')
+        executor.submit_stored('unfinished-two', wait_for_event_then_return, release, 'u2')
+        # The finished one is evicted, without a warning.
+        assert set(executor.futures.keys()) == {'unfinished-one', 'unfinished-two'}
+        assert [r for r in caplog.records if r.name == app.logger.name
+                and r.levelno >= logging.WARNING] == []
+        executor.submit_stored('unfinished-three', wait_for_event_then_return, release, 'u3')
+        # All unfinished: the oldest unfinished goes, with a warning on the app's logger.
+        assert set(executor.futures.keys()) == {'unfinished-two', 'unfinished-three'}
+        assert [r for r in caplog.records if r.name == app.logger.name
+                and r.levelno == logging.WARNING]
+    finally:
+        release.set()
+    assert executor.futures.result('unfinished-three', timeout=WAIT_SECONDS) == 'u3'
+
+
+# ---------------------------------------------------------------------------
+# 5. Jobs
+# ---------------------------------------------------------------------------
+
+def test_job_submit_submit_stored_and_map(executor, app):
+    @executor.job
+    def multiply(first, second=2):
+        return first * second, current_app.config['APP_MARKER']
+
+    marker = app.config['APP_MARKER']
+    future = multiply.submit(3, second=4)
+    assert isinstance(future, concurrent.futures.Future)
+    assert future.result(timeout=WAIT_SECONDS) == (12, marker)
+    stored = multiply.submit_stored('multiply-key', 5)
+    assert stored.result(timeout=WAIT_SECONDS) == (10, marker)
+    assert executor.futures.result('multiply-key') == (10, marker)
+    with pytest.raises(ValueError):
+        multiply.submit_stored('multiply-key', 6)
+    assert list(multiply.map([1, 2, 3], [10, 20, 30])) == [
+        (10, marker), (40, marker), (90, marker)]
+    with app.app_context():
+        assert multiply(7) == (14, marker)  # a direct call, in the caller's context
+
+
+def test_job_direct_call_outside_context_calls_function():
+    executor = Executor()
+
+    @executor.job
+    def plain_addition(first, second):
+        return first + second
+
+    assert plain_addition(2, 3) == 5
+
+
+def test_job_map_timeout(executor):
+    release = threading.Event()
+
+    @executor.job
+    def wait_for_release(number):
+        release.wait(WAIT_SECONDS)
+        return number
+
+    try:
+        with pytest.raises(concurrent.futures.TimeoutError):
+            list(wait_for_release.map([1, 2], timeout=0.2))
+    finally:
+        release.set()
+
+
+def test_job_preserves_name_doc_and_wrapped(executor):
+    def documented_task(number):
+        """Doubles the number."""
+        return number * 2
+
+    job = executor.job(documented_task)
+    assert job.__name__ == 'documented_task'
+    assert job.__doc__ == 'Doubles the number.'
+    assert job.__wrapped__ is documented_task
+    assert isinstance(job, flask_executor.ExecutorJob)
+
+
+def test_module_level_job_runs_in_process_pool(app):
+    app.config['PROCESSJOBS_EXECUTOR_TYPE'] = 'process'
+    app.config['PROCESSJOBS_EXECUTOR_MAX_WORKERS'] = 2
+    process_jobs_executor.init_app(app)
+    try:
+        assert cube_number_job(2) == 8
+        assert cube_number_job.__name__ == 'cube_number_job'
+        assert cube_number_job.__doc__ == 'Return the cube of number.'
+        assert cube_number_job.submit(3).result(timeout=WAIT_SECONDS) == 27
+        assert cube_number_job.submit_stored('cube-key', 4).result(timeout=WAIT_SECONDS) == 64
+        assert list(cube_number_job.map([1, 2, 3])) == [1, 8, 27]
+    finally:
+        process_jobs_executor.shutdown(wait=True)
+        process_jobs_executor.futures.pop('cube-key')
+
+
+# ---------------------------------------------------------------------------
+# 6. Done callbacks
+# ---------------------------------------------------------------------------
+
+def test_default_done_callback_called_for_every_future(executor, app):
+    seen = []
+    lock = threading.Lock()
+
+    def record_future(future):
+        with lock:
+            seen.append((future, has_app_context() and current_app.config['APP_MARKER']))
+
+    executor.add_default_done_callback(record_future)
+
+    @executor.job
+    def add_ten(number):
+        return number + 10
+
+    futures = [executor.submit(square_number, n) for n in range(3)]
+    futures.append(executor.submit_stored('callback-key', square_number, 9))
+    futures.append(add_ten.submit(1))
+    futures.append(add_ten.submit_stored('callback-job-key', 2))
+    mapped = list(executor.map(square_number, [4, 5]))
+    mapped += list(add_ten.map([6]))
+    assert mapped == [16, 25, 16]
+    for future in futures:
+        future.result(timeout=WAIT_SECONDS)
+
+    expected_calls = len(futures) + 3
+    assert wait_for_condition(lambda: len(seen) >= expected_calls)
+    time.sleep(0.1)
+    assert len(seen) == expected_calls
+    seen_futures = [future for future, _ in seen]
+    for future in futures:
+        assert seen_futures.count(future) == 1
+    # Every callback ran inside an app context of the executor's app.
+    assert {marker for _, marker in seen} == {app.config['APP_MARKER']}
+
+
+def test_done_callbacks_run_in_app_context_even_when_added_after_completion(executor, app):
+    markers = []
+    default_markers = []
+    executor.add_default_done_callback(
+        lambda future: default_markers.append(app_marker_in_current_context()))
+    future = executor.submit(square_number, 6)
+    assert future.result(timeout=WAIT_SECONDS) == 36
+    assert wait_for_condition(lambda: len(default_markers) == 1)
+
+    # Added after completion, from a thread with no context: runs at once, in a context.
+    assert not has_app_context()
+    future.add_done_callback(lambda done: markers.append(
+        (app_marker_in_current_context(), done.result())))
+    assert wait_for_condition(lambda: len(markers) == 1)
+    assert not has_app_context()
+
+    # Added before completion.
+    release = threading.Event()
+    pending = executor.submit(lambda: release.wait(WAIT_SECONDS) and 'late')
+    pending.add_done_callback(lambda done: markers.append(
+        (app_marker_in_current_context(), done.result())))
+    release.set()
+    assert pending.result(timeout=WAIT_SECONDS) == 'late'
+    assert wait_for_condition(lambda: len(markers) == 2)
+
+    marker = app.config['APP_MARKER']
+    assert wait_for_condition(lambda: len(default_markers) == 2)  # one per future
+    assert default_markers == [marker, marker]
+    assert markers == [(marker, 36), (marker, 'late')]
+
+
+def test_raising_callback_is_logged_and_others_still_run(executor, app, caplog):
+    caplog.set_level(logging.WARNING)
+    later_ran = threading.Event()
+
+    def failing_callback(future):
+        raise RuntimeError('callback-failure-marker')
+
+    executor.add_default_done_callback(failing_callback)
+    future = executor.submit(square_number, 2)
+    future.add_done_callback(lambda done: later_ran.set())
+    assert future.result(timeout=WAIT_SECONDS) == 4
+    assert later_ran.wait(WAIT_SECONDS)
+    assert wait_for_condition(
+        lambda: app_error_records_mentioning(caplog, app, 'callback-failure-marker'))
+
+
+TASK_EXCEPTION_LOGGING_CASES = [
+    # (executor type, EXECUTOR_PROPAGATE_EXCEPTIONS, EXECUTOR_LOG_EXCEPTIONS, ERROR records)
+    (executor_type, propagate, log_exceptions, expected_records)
+    for executor_type in ('thread', 'process')
+    for propagate, log_exceptions, expected_records in [
+        (False, True, 1),   # the default: the task's failure is logged once
+        (True, False, 1),   # logged because the propagate callback re-raises it
+        (True, True, 1),    # both on: still logged once, not twice
+        (False, False, 0),  # neither: kept in the future only
+    ]
+] + [('sync', False, True, 1), ('sync', False, False, 0)]
+
+
+@pytest.mark.parametrize(
+    'executor_type,propagate,log_exceptions,expected_records', TASK_EXCEPTION_LOGGING_CASES)
+def test_task_exception_logging_and_propagation(
+        make_executor, app, caplog, executor_type, propagate, log_exceptions, expected_records):
+    caplog.set_level(logging.WARNING)
+    if executor_type == 'thread':
+        # Config read from the environment comes as strings: the thread rows use words.
+        words = {True: 'True', False: 'off'}
+        propagate, log_exceptions = words[propagate], words[log_exceptions]
+    executor = make_executor(EXECUTOR_TYPE=executor_type, EXECUTOR_MAX_WORKERS=2,
+                             EXECUTOR_PROPAGATE_EXCEPTIONS=propagate,
+                             EXECUTOR_LOG_EXCEPTIONS=log_exceptions)
+    marker = f'failure-marker-{uuid.uuid4().hex}'
+    callbacks_done = threading.Event()
+    future = executor.submit(raise_value_error_with_message, marker)
+    future.add_done_callback(lambda done: callbacks_done.set())
+    with pytest.raises(ValueError, match=marker):
+        future.result(timeout=WAIT_SECONDS)
+    assert callbacks_done.wait(WAIT_SECONDS)
+    if expected_records:
+        assert wait_for_condition(lambda: app_error_records_mentioning(caplog, app, marker))
+    time.sleep(0.2)  # room for a second (wrong) record to appear
+    records = app_error_records_mentioning(caplog, app, marker)
+    assert len(records) == expected_records
+    assert all(record.exc_info is not None for record in records)  # with traceback
+    if not expected_records:
+        assert error_records_from_logger(caplog, app.logger.name) == []
+
+
+def test_propagate_exceptions_in_sync_mode_raises_from_submit(make_executor):
+    executor = make_executor(EXECUTOR_TYPE='sync', EXECUTOR_PROPAGATE_EXCEPTIONS='yes')
+    with pytest.raises(ZeroDivisionError):
+        executor.submit(divide_one_by_zero)
+
+
+def test_propagate_exceptions_callback_is_importable_and_reraises():
+    from flask_executor import propagate_exceptions_callback
+
+    failed = concurrent.futures.Future()
+    failed.set_exception(KeyError('reraised'))
+    with pytest.raises(KeyError):
+        propagate_exceptions_callback(failed)
+    assert propagate_exceptions_callback(make_finished_future('fine')) is None
+
+
+# ---------------------------------------------------------------------------
+# 7. Process pools
+# ---------------------------------------------------------------------------
+
+def test_process_pool_runs_module_level_function(make_executor):
+    executor = make_executor(EXECUTOR_TYPE='process', EXECUTOR_MAX_WORKERS=2)
+    future = executor.submit(add_two_numbers, 20, second=22)
+    assert isinstance(future, concurrent.futures.Future)
+    assert future.result(timeout=WAIT_SECONDS) == 42
+    assert executor.submit(os.getpid).result(timeout=WAIT_SECONDS) != os.getpid()
+
+
+def test_process_pool_map_in_order(make_executor):
+    executor = make_executor(EXECUTOR_TYPE='process', EXECUTOR_MAX_WORKERS=2)
+    assert list(executor.map(square_number, range(20))) == [n * n for n in range(20)]
+    assert list(executor.map(square_number, range(20), chunksize=5)) == [
+        n * n for n in range(20)]
+    assert list(executor.map(add_two_numbers, [1, 2], [3, 4])) == [4, 6]
+
+
+def test_process_pool_submit_stored_and_exception(make_executor):
+    executor = make_executor(EXECUTOR_TYPE='process', EXECUTOR_MAX_WORKERS=2)
+    executor.submit_stored('process-key', square_number, 12)
+    assert executor.futures.result('process-key', timeout=WAIT_SECONDS) == 144
+    failing = executor.submit(raise_value_error_with_message, 'process-failure')
+    error = failing.exception(timeout=WAIT_SECONDS)
+    assert isinstance(error, ValueError)
+    assert 'process-failure' in str(error)
+
+
+def test_process_pool_rejects_lambda_at_submit_with_type_error(make_executor):
+    executor = make_executor(EXECUTOR_TYPE='process', EXECUTOR_MAX_WORKERS=2)
+    with pytest.raises(TypeError, match='(?i)pickl'):
+        executor.submit(lambda: 1)
+
+    def local_closure():
+        return executor
+
+    with pytest.raises(TypeError, match='(?i)pickl'):
+        executor.submit(local_closure)
+    # The executor still works afterwards.
+    assert executor.submit(square_number, 3).result(timeout=WAIT_SECONDS) == 9
+
+
+def record_app_marker_of_callback(markers, future):
+    markers.append((app_marker_in_current_context(), future.result()))
+
+
+def test_process_pool_done_callbacks_run_in_app_context(make_executor, app):
+    executor = make_executor(EXECUTOR_TYPE='process', EXECUTOR_MAX_WORKERS=2)
+    default_markers = []
+    later_markers = []
+    executor.add_default_done_callback(
+        lambda future: record_app_marker_of_callback(default_markers, future))
+    futures = [executor.submit(square_number, n) for n in range(3)]
+    futures.append(executor.submit_stored('process-callback-key', square_number, 5))
+    assert list(executor.map(square_number, [6, 7])) == [36, 49]
+    assert [f.result(timeout=WAIT_SECONDS) for f in futures] == [0, 1, 4, 25]
+    assert wait_for_condition(lambda: len(default_markers) == 6)
+    # Added after completion, from this thread with no context.
+    futures[2].add_done_callback(
+        lambda future: record_app_marker_of_callback(later_markers, future))
+    assert wait_for_condition(lambda: len(later_markers) == 1)
+    marker = app.config['APP_MARKER']
+    assert sorted(default_markers) == sorted(
+        [(marker, value) for value in (0, 1, 4, 25, 36, 49)])
+    assert later_markers == [(marker, 4)]
+
+
+def test_process_pool_fork_task_runs_in_app_context(make_executor, app):
+    executor = make_executor(
+        EXECUTOR_TYPE='process', EXECUTOR_MAX_WORKERS=1, EXECUTOR_MP_CONTEXT='fork')
+    assert executor.submit(app_marker_in_current_context).result(
+        timeout=WAIT_SECONDS) == app.config['APP_MARKER']
+
+
+# ---------------------------------------------------------------------------
+# 8. Exported names
+# ---------------------------------------------------------------------------
+
+def test_exported_names():
+    assert isinstance(flask_executor.__version__, str)
+    assert flask_executor.__version__
+    assert flask_executor.Executor is Executor
+    assert flask_executor.FutureCollection is FutureCollection
+    for public_name in ('Executor', 'ExecutorJob', 'FutureCollection', 'TaskFuture',
+                        'Progress', 'report_progress', 'QueueFull',
+                        'propagate_exceptions_callback', '__version__'):
+        assert hasattr(flask_executor, public_name), public_name
+    assert issubclass(flask_executor.TaskFuture, concurrent.futures.Future)
