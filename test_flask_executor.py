@@ -7,17 +7,25 @@ Everything here uses real parts: real thread and process pools, real Flask apps 
 their test clients, request contexts and CLI runner. No timing assertions: tests wait
 (with generous bounds) for things to happen, never measure how long they took.
 """
+
+import asyncio
 import concurrent.futures
+import importlib
 import io
 import logging
+import multiprocessing
 import os
 import pathlib
+import pickle
+import shutil
 import subprocess
 import sys
 import threading
 import time
 import uuid
 import warnings
+import zipfile
+from pathlib import Path
 
 import click
 import pytest
@@ -33,7 +41,7 @@ from flask import (
 )
 
 import flask_executor
-from flask_executor import Executor, FutureCollection
+from flask_executor import Executor, FutureCollection, TaskFuture
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -44,6 +52,7 @@ WAIT_SECONDS = 30
 # ---------------------------------------------------------------------------
 # Module-level helpers (module level so that process pools can pickle them)
 # ---------------------------------------------------------------------------
+
 
 def square_number(number):
     return number * number
@@ -57,10 +66,10 @@ def app_marker_in_current_context():
     """The APP_MARKER of the current app, or None when the task runs with no app context."""
     if not has_app_context():
         return None
-    return current_app.config.get('APP_MARKER')
+    return current_app.config.get("APP_MARKER")
 
 
-def write_marker_file(path, text='ran'):
+def write_marker_file(path, text="ran"):
     pathlib.Path(path).write_text(text)
     return text
 
@@ -95,8 +104,11 @@ def error_records_from_logger(caplog, logger_name, level=logging.ERROR):
 
 def app_error_records_mentioning(caplog, app, text):
     """ERROR records on app.logger whose message or exception mentions text."""
-    return [r for r in error_records_from_logger(caplog, app.logger.name)
-            if text in r.getMessage() + repr(r.exc_info)]
+    return [
+        r
+        for r in error_records_from_logger(caplog, app.logger.name)
+        if text in r.getMessage() + repr(r.exc_info)
+    ]
 
 
 def g_scratch_stays_own():
@@ -128,23 +140,24 @@ def run_concurrently(target, count):
 
 # A module-level executor with a module-level job, so the job can be pickled by
 # reference and submitted to a process pool.
-process_jobs_executor = Executor(name='processjobs')
+process_jobs_executor = Executor(name="processjobs")
 
 
 @process_jobs_executor.job
 def cube_number_job(number):
     """Return the cube of number."""
-    return number ** 3
+    return number**3
 
 
 # ---------------------------------------------------------------------------
 # Fixtures
 # ---------------------------------------------------------------------------
 
+
 def build_flask_app():
     app = Flask(__name__)
     app.config.update(
-        SECRET_KEY='core-test-secret',
+        SECRET_KEY="core-test-secret",
         TESTING=True,
         APP_MARKER=uuid.uuid4().hex,
     )
@@ -165,9 +178,9 @@ def make_executor(app):
     """
     created = []
 
-    def build(name='', target_app=None, **config):
+    def build(name="", target_app=None, **config):
         target = app if target_app is None else target_app
-        prefix = name.upper() + '_' if name else ''
+        prefix = name.upper() + "_" if name else ""
         for key, value in config.items():
             target.config[prefix + key] = value
         executor = Executor(target, name=name)
@@ -188,11 +201,12 @@ def executor(make_executor):
 # 1. API
 # ---------------------------------------------------------------------------
 
+
 def test_executor_with_app_is_registered_in_extensions(app):
     executor = Executor(app)
     try:
-        assert app.extensions['executor'] is executor
-        assert executor.name == ''
+        assert app.extensions["executor"] is executor
+        assert executor.name == ""
         assert isinstance(executor, concurrent.futures.Executor)
     finally:
         executor.shutdown()
@@ -202,13 +216,13 @@ def test_executor_init_app_registers_and_runs_tasks(app):
     executor = Executor()
     executor.init_app(app)
     try:
-        assert app.extensions['executor'] is executor
+        assert app.extensions["executor"] is executor
         assert executor.submit(square_number, 7).result(timeout=WAIT_SECONDS) == 49
     finally:
         executor.shutdown()
 
 
-@pytest.mark.parametrize('bad_name', ['bad-name', 'a b', 'dot.name', 'slash/name'])
+@pytest.mark.parametrize("bad_name", ["bad-name", "a b", "dot.name", "slash/name"])
 def test_executor_name_with_invalid_characters_raises_value_error(app, bad_name):
     with pytest.raises(ValueError):
         Executor(app, name=bad_name)
@@ -216,13 +230,13 @@ def test_executor_name_with_invalid_characters_raises_value_error(app, bad_name)
 
 def test_named_executors_register_under_their_names(app):
     default_executor = Executor(app)
-    custom_executor = Executor(app, name='custom')
-    other_executor = Executor(app, name='Other_2')
+    custom_executor = Executor(app, name="custom")
+    other_executor = Executor(app, name="Other_2")
     try:
-        assert app.extensions['executor'] is default_executor
-        assert app.extensions['customexecutor'] is custom_executor
-        assert app.extensions['Other_2executor'] is other_executor
-        assert custom_executor.name == 'custom'
+        assert app.extensions["executor"] is default_executor
+        assert app.extensions["customexecutor"] is custom_executor
+        assert app.extensions["Other_2executor"] is other_executor
+        assert custom_executor.name == "custom"
     finally:
         for executor in (default_executor, custom_executor, other_executor):
             executor.shutdown()
@@ -231,9 +245,9 @@ def test_named_executors_register_under_their_names(app):
 def test_named_executor_reads_prefixed_config_keys(make_executor, app):
     # The unprefixed key says 'process' (a lambda would be rejected there); the named
     # executor must use its own CUSTOM_EXECUTOR_TYPE='sync' and run inline.
-    app.config['EXECUTOR_TYPE'] = 'process'
-    custom = make_executor(name='custom', EXECUTOR_TYPE='sync')
-    assert app.config['CUSTOM_EXECUTOR_TYPE'] == 'sync'
+    app.config["EXECUTOR_TYPE"] = "process"
+    custom = make_executor(name="custom", EXECUTOR_TYPE="sync")
+    assert app.config["CUSTOM_EXECUTOR_TYPE"] == "sync"
     caller_thread = threading.get_ident()
     future = custom.submit(lambda: threading.get_ident())
     assert future.done()
@@ -241,19 +255,22 @@ def test_named_executor_reads_prefixed_config_keys(make_executor, app):
 
 
 def test_named_executor_prefixed_max_workers_validation_names_the_key(app):
-    app.config['CUSTOM_EXECUTOR_MAX_WORKERS'] = '0'
-    with pytest.raises(ValueError, match='CUSTOM_EXECUTOR_MAX_WORKERS'):
-        Executor(app, name='custom')
+    app.config["CUSTOM_EXECUTOR_MAX_WORKERS"] = "0"
+    with pytest.raises(ValueError, match="CUSTOM_EXECUTOR_MAX_WORKERS"):
+        Executor(app, name="custom")
 
 
-@pytest.mark.parametrize('key,bad_value', [
-    ('EXECUTOR_MAX_WORKERS', 'lots'),
-    ('EXECUTOR_MAX_WORKERS', '0'),
-    ('EXECUTOR_TYPE', 'carrier-pigeon'),
-    ('EXECUTOR_PROPAGATE_EXCEPTIONS', 'maybe'),
-    ('EXECUTOR_PUSH_APP_CONTEXT', 'sometimes'),
-    ('EXECUTOR_FUTURES_MAX_LENGTH', '-1'),
-])
+@pytest.mark.parametrize(
+    "key,bad_value",
+    [
+        ("EXECUTOR_MAX_WORKERS", "lots"),
+        ("EXECUTOR_MAX_WORKERS", "0"),
+        ("EXECUTOR_TYPE", "carrier-pigeon"),
+        ("EXECUTOR_PROPAGATE_EXCEPTIONS", "maybe"),
+        ("EXECUTOR_PUSH_APP_CONTEXT", "sometimes"),
+        ("EXECUTOR_FUTURES_MAX_LENGTH", "-1"),
+    ],
+)
 def test_invalid_config_value_raises_value_error_naming_key(app, key, bad_value):
     app.config[key] = bad_value
     with pytest.raises(ValueError, match=key):
@@ -261,7 +278,7 @@ def test_invalid_config_value_raises_value_error_naming_key(app, key, bad_value)
 
 
 def test_string_max_workers_is_honoured(make_executor):
-    executor = make_executor(EXECUTOR_MAX_WORKERS='5')
+    executor = make_executor(EXECUTOR_MAX_WORKERS="5")
     all_five_running = threading.Barrier(5, timeout=WAIT_SECONDS)
     release = threading.Event()
     sixth_started = threading.Event()
@@ -286,13 +303,13 @@ def test_string_max_workers_is_honoured(make_executor):
 
 
 def test_string_type_process_gives_process_pool(make_executor):
-    executor = make_executor(EXECUTOR_TYPE='process', EXECUTOR_MAX_WORKERS='2')
+    executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS="2")
     worker_pid = executor.submit(os.getpid).result(timeout=WAIT_SECONDS)
     assert worker_pid != os.getpid()
 
 
 def test_string_push_app_context_false_runs_tasks_bare(make_executor):
-    executor = make_executor(EXECUTOR_PUSH_APP_CONTEXT='false')
+    executor = make_executor(EXECUTOR_PUSH_APP_CONTEXT="false")
     future = executor.submit(lambda: (has_app_context(), has_request_context()))
     assert future.result(timeout=WAIT_SECONDS) == (False, False)
 
@@ -304,24 +321,27 @@ def test_submit_returns_concurrent_futures_future(executor):
     assert future.done()
 
 
-@pytest.mark.parametrize('executor_type', ['thread', 'process', 'sync'])
+@pytest.mark.parametrize("executor_type", ["thread", "process", "sync"])
 def test_submitted_futures_work_with_wait_and_as_completed(make_executor, executor_type):
     executor = make_executor(EXECUTOR_TYPE=executor_type, EXECUTOR_MAX_WORKERS=2)
     futures = [executor.submit(square_number, n) for n in range(10)]
     done, not_done = concurrent.futures.wait(futures, timeout=WAIT_SECONDS)
     assert set(done) == set(futures)
     assert not not_done
-    completed = list(concurrent.futures.as_completed(
-        [executor.submit(square_number, n) for n in range(10)], timeout=WAIT_SECONDS))
+    completed = list(
+        concurrent.futures.as_completed(
+            [executor.submit(square_number, n) for n in range(10)], timeout=WAIT_SECONDS
+        )
+    )
     assert sorted(f.result() for f in completed) == [n * n for n in range(10)]
 
 
 def test_submitted_future_is_hashable(executor):
     first = executor.submit(square_number, 2)
     second = executor.submit(square_number, 3)
-    by_future = {first: 'first', second: 'second'}
-    assert by_future[first] == 'first'
-    assert by_future[second] == 'second'
+    by_future = {first: "first", second: "second"}
+    assert by_future[first] == "first"
+    assert by_future[second] == "second"
     assert len({first, second, first}) == 2
     assert isinstance(hash(first), int)
 
@@ -338,15 +358,14 @@ def test_map_returns_results_in_input_order(executor):
 def test_map_timeout_raises_timeout_error(executor):
     release = threading.Event()
     try:
-        results = executor.map(wait_for_event_then_return, [release, release], [1, 2],
-                               timeout=0.2)
+        results = executor.map(wait_for_event_then_return, [release, release], [1, 2], timeout=0.2)
         with pytest.raises(concurrent.futures.TimeoutError):
             list(results)
     finally:
         release.set()
 
 
-@pytest.mark.parametrize('executor_type', ['thread', 'process', 'sync'])
+@pytest.mark.parametrize("executor_type", ["thread", "process", "sync"])
 def test_submit_after_shutdown_raises_runtime_error(make_executor, executor_type):
     executor = make_executor(EXECUTOR_TYPE=executor_type, EXECUTOR_MAX_WORKERS=2)
     assert executor.submit(square_number, 2).result(timeout=WAIT_SECONDS) == 4
@@ -354,8 +373,8 @@ def test_submit_after_shutdown_raises_runtime_error(make_executor, executor_type
     with pytest.raises(RuntimeError):
         executor.submit(square_number, 3)
     with pytest.raises(RuntimeError):
-        executor.submit_stored('after-shutdown', square_number, 3)
-    assert executor.futures.done('after-shutdown') is None
+        executor.submit_stored("after-shutdown", square_number, 3)
+    assert executor.futures.done("after-shutdown") is None
 
 
 def test_shutdown_wait_true_waits_for_running_tasks(executor):
@@ -363,14 +382,14 @@ def test_shutdown_wait_true_waits_for_running_tasks(executor):
 
     def slow_append():
         time.sleep(0.2)
-        finished.append('done')
-        return 'slow'
+        finished.append("done")
+        return "slow"
 
     future = executor.submit(slow_append)
     executor.shutdown(wait=True)
-    assert finished == ['done']
+    assert finished == ["done"]
     assert future.done()
-    assert future.result() == 'slow'
+    assert future.result() == "slow"
 
 
 def test_shutdown_cancel_futures_cancels_queued_tasks(make_executor):
@@ -382,7 +401,7 @@ def test_shutdown_cancel_futures_cancels_queued_tasks(make_executor):
     def block():
         started.set()
         release.wait(WAIT_SECONDS)
-        return 'blocker'
+        return "blocker"
 
     blocker = executor.submit(block)
     assert started.wait(WAIT_SECONDS)
@@ -391,7 +410,7 @@ def test_shutdown_cancel_futures_cancels_queued_tasks(make_executor):
         executor.shutdown(wait=False, cancel_futures=True)
     finally:
         release.set()
-    assert blocker.result(timeout=WAIT_SECONDS) == 'blocker'
+    assert blocker.result(timeout=WAIT_SECONDS) == "blocker"
     assert wait_for_condition(lambda: all(f.cancelled() for f in queued))
     time.sleep(0.2)
     assert ran == []
@@ -407,12 +426,16 @@ def test_init_app_after_shutdown_makes_executor_usable_again(executor, app):
 
 def test_init_app_with_another_app_rebinds_executor(executor, app):
     other_app = build_flask_app()
-    assert executor.submit(app_marker_in_current_context).result(
-        timeout=WAIT_SECONDS) == app.config['APP_MARKER']
+    assert (
+        executor.submit(app_marker_in_current_context).result(timeout=WAIT_SECONDS)
+        == app.config["APP_MARKER"]
+    )
     executor.init_app(other_app)
-    assert other_app.extensions['executor'] is executor
-    assert executor.submit(app_marker_in_current_context).result(
-        timeout=WAIT_SECONDS) == other_app.config['APP_MARKER']
+    assert other_app.extensions["executor"] is executor
+    assert (
+        executor.submit(app_marker_in_current_context).result(timeout=WAIT_SECONDS)
+        == other_app.config["APP_MARKER"]
+    )
 
 
 def test_jobs_decorated_before_init_app_work(app):
@@ -431,116 +454,118 @@ def test_jobs_decorated_before_init_app_work(app):
 
 
 def test_sync_executor_runs_inline_and_returns_finished_future(make_executor, app):
-    executor = make_executor(EXECUTOR_TYPE='sync')
+    executor = make_executor(EXECUTOR_TYPE="sync")
     caller = threading.get_ident()
-    future = executor.submit(lambda: (threading.get_ident(), current_app.config['APP_MARKER']))
+    future = executor.submit(lambda: (threading.get_ident(), current_app.config["APP_MARKER"]))
     assert future.done()
     assert isinstance(future, concurrent.futures.Future)
     thread_id, marker = future.result()
     assert thread_id == caller
-    assert marker == app.config['APP_MARKER']
+    assert marker == app.config["APP_MARKER"]
 
 
 # ---------------------------------------------------------------------------
 # 2. Contexts for thread pools
 # ---------------------------------------------------------------------------
 
+
 def test_task_sees_current_app(executor, app):
     future = executor.submit(lambda: (current_app.name, current_app.config is app.config))
     assert future.result(timeout=WAIT_SECONDS) == (app.name, True)
 
 
-@pytest.mark.parametrize('executor_type', ['thread', 'sync'])
+@pytest.mark.parametrize("executor_type", ["thread", "sync"])
 def test_task_gets_a_copy_of_g(make_executor, app, executor_type):
     executor = make_executor(EXECUTOR_TYPE=executor_type)
 
     def read_and_overwrite_g():
-        seen = (g.get('user'), g.get('leaked'))
-        g.user = 'bob'
-        g.leaked = 'from-task'
+        seen = (g.get("user"), g.get("leaked"))
+        g.user = "bob"
+        g.leaked = "from-task"
         return seen
 
     with app.app_context():
-        g.user = 'alice'
-        assert executor.submit(read_and_overwrite_g).result(
-            timeout=WAIT_SECONDS) == ('alice', None)
+        g.user = "alice"
+        assert executor.submit(read_and_overwrite_g).result(timeout=WAIT_SECONDS) == ("alice", None)
         # The task's writes do not leak back to the submitter...
-        assert g.user == 'alice'
-        assert 'leaked' not in g
+        assert g.user == "alice"
+        assert "leaked" not in g
         # ...nor to the next task, which gets a fresh copy.
-        assert executor.submit(read_and_overwrite_g).result(
-            timeout=WAIT_SECONDS) == ('alice', None)
+        assert executor.submit(read_and_overwrite_g).result(timeout=WAIT_SECONDS) == ("alice", None)
 
 
 def test_task_gets_a_copy_of_g_in_request(executor, app):
     def read_and_overwrite_g():
-        seen = g.get('request_user')
-        g.request_user = 'changed-in-task'
+        seen = g.get("request_user")
+        g.request_user = "changed-in-task"
         return seen
 
-    with app.test_request_context('/'):
-        g.request_user = 'carol'
-        assert executor.submit(read_and_overwrite_g).result(timeout=WAIT_SECONDS) == 'carol'
-        assert g.request_user == 'carol'
+    with app.test_request_context("/"):
+        g.request_user = "carol"
+        assert executor.submit(read_and_overwrite_g).result(timeout=WAIT_SECONDS) == "carol"
+        assert g.request_user == "carol"
 
 
 def test_task_sees_request_path_args_and_form(executor, app):
     def read_request():
-        return (has_request_context(), request.path, request.args.get('page'),
-                request.form.get('title'), request.method)
+        return (
+            has_request_context(),
+            request.path,
+            request.args.get("page"),
+            request.form.get("title"),
+            request.method,
+        )
 
-    with app.test_request_context('/submit?page=2', method='POST', data={'title': 'hello'}):
+    with app.test_request_context("/submit?page=2", method="POST", data={"title": "hello"}):
         result = executor.submit(read_request).result(timeout=WAIT_SECONDS)
-    assert result == (True, '/submit', '2', 'hello', 'POST')
+    assert result == (True, "/submit", "2", "hello", "POST")
 
 
 def test_task_sees_request_through_test_client(executor, app):
-    @app.route('/echo/<word>')
+    @app.route("/echo/<word>")
     def echo_view(word):
-        future = executor.submit(lambda: f'{request.path}|{request.args["suffix"]}|{word}')
+        future = executor.submit(lambda: f"{request.path}|{request.args['suffix']}|{word}")
         return future.result(timeout=WAIT_SECONDS)
 
-    response = app.test_client().get('/echo/hi?suffix=there')
+    response = app.test_client().get("/echo/hi?suffix=there")
     assert response.status_code == 200
-    assert response.get_data(as_text=True) == '/echo/hi|there|hi'
+    assert response.get_data(as_text=True) == "/echo/hi|there|hi"
 
 
 def test_task_sees_session(executor, app):
-    with app.test_request_context('/'):
-        session['user'] = 'dora'
-        assert executor.submit(lambda: session.get('user')).result(
-            timeout=WAIT_SECONDS) == 'dora'
+    with app.test_request_context("/"):
+        session["user"] = "dora"
+        assert executor.submit(lambda: session.get("user")).result(timeout=WAIT_SECONDS) == "dora"
 
 
 def test_task_sees_session_from_cookie_through_test_client(executor, app):
-    @app.route('/login/<user>')
+    @app.route("/login/<user>")
     def login_view(user):
-        session['user'] = user
-        return 'ok'
+        session["user"] = user
+        return "ok"
 
-    @app.route('/whoami')
+    @app.route("/whoami")
     def whoami_view():
-        return executor.submit(lambda: session.get('user', 'nobody')).result(
-            timeout=WAIT_SECONDS)
+        return executor.submit(lambda: session.get("user", "nobody")).result(timeout=WAIT_SECONDS)
 
     client = app.test_client()
-    assert client.get('/whoami').get_data(as_text=True) == 'nobody'
-    assert client.get('/login/erin').status_code == 200
-    assert client.get('/whoami').get_data(as_text=True) == 'erin'
+    assert client.get("/whoami").get_data(as_text=True) == "nobody"
+    assert client.get("/login/erin").status_code == 200
+    assert client.get("/whoami").get_data(as_text=True) == "erin"
 
 
 def test_url_for_works_inside_task(executor, app):
-    @app.route('/items/<int:item_id>')
+    @app.route("/items/<int:item_id>")
     def item_detail(item_id):
         return str(item_id)
 
     def build_urls():
-        return url_for('item_detail', item_id=7), url_for('item_detail', item_id=8, _external=True)
+        return url_for("item_detail", item_id=7), url_for("item_detail", item_id=8, _external=True)
 
-    with app.test_request_context('/', base_url='http://example.test'):
+    with app.test_request_context("/", base_url="http://example.test"):
         relative, external = executor.submit(build_urls).result(timeout=WAIT_SECONDS)
-    assert relative == '/items/7'
-    assert external == 'http://example.test/items/8'
+    assert relative == "/items/7"
+    assert external == "http://example.test/items/8"
 
 
 def test_task_reading_uploaded_file_does_not_close_it_for_the_view(executor, app):
@@ -551,17 +576,17 @@ def test_task_reading_uploaded_file_does_not_close_it_for_the_view(executor, app
         # While the view below waits, only the task's request context can be torn down.
         task_request_torn_down.set()
 
-    @app.post('/upload')
+    @app.post("/upload")
     def upload_view():
-        filename = executor.submit(lambda: request.files['document'].filename).result(
-            timeout=WAIT_SECONDS)
+        filename = executor.submit(lambda: request.files["document"].filename).result(timeout=WAIT_SECONDS)
         assert task_request_torn_down.wait(WAIT_SECONDS)
         # The task's copy of the request context is gone; the view's upload is still open.
-        return filename + ':' + request.files['document'].read().decode()
+        return filename + ":" + request.files["document"].read().decode()
 
     response = app.test_client().post(
-        '/upload', data={'document': (io.BytesIO(b'file-content'), 'notes.txt')})
-    assert response.get_data(as_text=True) == 'notes.txt:file-content'
+        "/upload", data={"document": (io.BytesIO(b"file-content"), "notes.txt")}
+    )
+    assert response.get_data(as_text=True) == "notes.txt:file-content"
     assert response.status_code == 200
 
 
@@ -580,13 +605,13 @@ def test_teardown_functions_run_after_each_task(executor, app):
 
     def record_thread():
         task_threads.add(threading.get_ident())
-        return 'ok'
+        return "ok"
 
     task_count = 5
-    with app.test_request_context('/'):
+    with app.test_request_context("/"):
         main_thread = threading.get_ident()
         futures = [executor.submit(record_thread) for _ in range(task_count)]
-        assert [f.result(timeout=WAIT_SECONDS) for f in futures] == ['ok'] * task_count
+        assert [f.result(timeout=WAIT_SECONDS) for f in futures] == ["ok"] * task_count
         assert wait_for_condition(lambda: len(appcontext_teardowns) >= task_count)
         assert wait_for_condition(lambda: len(request_teardowns) >= task_count)
         time.sleep(0.1)
@@ -612,47 +637,57 @@ def test_teardown_appcontext_runs_after_task_submitted_without_request(executor,
 
 def test_defect2_submit_and_map_in_app_context_only(executor, app):
     def context_report(number=0):
-        return (number, has_app_context(), has_request_context(),
-                current_app.config['APP_MARKER'], g.get('cli_user'))
+        return (
+            number,
+            has_app_context(),
+            has_request_context(),
+            current_app.config["APP_MARKER"],
+            g.get("cli_user"),
+        )
 
-    marker = app.config['APP_MARKER']
+    marker = app.config["APP_MARKER"]
     with app.app_context():
-        g.cli_user = 'frank'
+        g.cli_user = "frank"
         assert executor.submit(context_report).result(timeout=WAIT_SECONDS) == (
-            0, True, False, marker, 'frank')
+            0,
+            True,
+            False,
+            marker,
+            "frank",
+        )
         assert list(executor.map(context_report, [1, 2, 3])) == [
-            (n, True, False, marker, 'frank') for n in [1, 2, 3]]
+            (n, True, False, marker, "frank") for n in [1, 2, 3]
+        ]
 
 
 def test_defect2_submit_and_map_in_cli_command(executor, app):
-    marker = app.config['APP_MARKER']
+    marker = app.config["APP_MARKER"]
 
-    @app.cli.command('crunch-numbers')
+    @app.cli.command("crunch-numbers")
     def crunch_numbers_command():
-        future = executor.submit(lambda: current_app.config['APP_MARKER'])
-        squares = list(executor.map(
-            lambda n: (n * n, current_app.config['APP_MARKER']), [1, 2, 3]))
-        click.echo(f'{future.result(timeout=WAIT_SECONDS)} {squares!r}')
+        future = executor.submit(lambda: current_app.config["APP_MARKER"])
+        squares = list(executor.map(lambda n: (n * n, current_app.config["APP_MARKER"]), [1, 2, 3]))
+        click.echo(f"{future.result(timeout=WAIT_SECONDS)} {squares!r}")
 
-    result = app.test_cli_runner().invoke(args=['crunch-numbers'])
+    result = app.test_cli_runner().invoke(args=["crunch-numbers"])
     assert result.exception is None, result.output
     assert result.exit_code == 0
-    assert result.output.strip() == f'{marker} {[(1, marker), (4, marker), (9, marker)]!r}'
+    assert result.output.strip() == f"{marker} {[(1, marker), (4, marker), (9, marker)]!r}"
 
 
 def test_defect2_submit_and_map_in_cli_command_without_app_context(executor, app):
-    marker = app.config['APP_MARKER']
+    marker = app.config["APP_MARKER"]
 
-    @app.cli.command('crunch-bare', with_appcontext=False)
+    @app.cli.command("crunch-bare", with_appcontext=False)
     def crunch_bare_command():
         assert not has_app_context()
         future = executor.submit(app_marker_in_current_context)
         markers = list(executor.map(lambda n: app_marker_in_current_context(), [1, 2]))
-        click.echo(f'{future.result(timeout=WAIT_SECONDS)} {markers!r}')
+        click.echo(f"{future.result(timeout=WAIT_SECONDS)} {markers!r}")
 
-    result = app.test_cli_runner().invoke(args=['crunch-bare'])
+    result = app.test_cli_runner().invoke(args=["crunch-bare"])
     assert result.exception is None, result.output
-    assert result.output.strip() == f'{marker} {[marker, marker]!r}'
+    assert result.output.strip() == f"{marker} {[marker, marker]!r}"
 
 
 def test_defect2_submit_and_map_with_no_context_at_all(app):
@@ -660,11 +695,12 @@ def test_defect2_submit_and_map_with_no_context_at_all(app):
     executor = Executor(app)
     try:
         assert not has_app_context()
-        marker = app.config['APP_MARKER']
-        assert executor.submit(app_marker_in_current_context).result(
-            timeout=WAIT_SECONDS) == marker
+        marker = app.config["APP_MARKER"]
+        assert executor.submit(app_marker_in_current_context).result(timeout=WAIT_SECONDS) == marker
         assert list(executor.map(lambda n: (n, app_marker_in_current_context()), [1, 2])) == [
-            (1, marker), (2, marker)]
+            (1, marker),
+            (2, marker),
+        ]
         assert not has_app_context()
     finally:
         executor.shutdown()
@@ -674,32 +710,35 @@ def test_defect2_submit_from_inside_another_task(make_executor, app):
     executor = make_executor(EXECUTOR_MAX_WORKERS=4)
 
     def inner_task():
-        return (current_app.config['APP_MARKER'], request.path, g.get('outer_value'))
+        return (current_app.config["APP_MARKER"], request.path, g.get("outer_value"))
 
     def outer_task():
-        g.outer_value = 'set-by-outer'
-        own_executor = current_app.extensions['executor']
+        g.outer_value = "set-by-outer"
+        own_executor = current_app.extensions["executor"]
         inner = own_executor.submit(inner_task).result(timeout=WAIT_SECONDS)
         mapped = list(own_executor.map(square_number, [2, 3]))
         return inner, mapped
 
-    with app.test_request_context('/outer'):
+    with app.test_request_context("/outer"):
         inner, mapped = executor.submit(outer_task).result(timeout=WAIT_SECONDS)
-    assert inner == (app.config['APP_MARKER'], '/outer', 'set-by-outer')
+    assert inner == (app.config["APP_MARKER"], "/outer", "set-by-outer")
     assert mapped == [4, 9]
 
     # And from a task submitted with no request.
     def outer_without_request():
-        return current_app.extensions['executor'].submit(
-            app_marker_in_current_context).result(timeout=WAIT_SECONDS)
+        return (
+            current_app.extensions["executor"]
+            .submit(app_marker_in_current_context)
+            .result(timeout=WAIT_SECONDS)
+        )
 
-    assert executor.submit(outer_without_request).result(
-        timeout=WAIT_SECONDS) == app.config['APP_MARKER']
+    assert executor.submit(outer_without_request).result(timeout=WAIT_SECONDS) == app.config["APP_MARKER"]
 
 
 # ---------------------------------------------------------------------------
 # 3. The defects of 1.0
 # ---------------------------------------------------------------------------
+
 
 def test_defect1_map_in_request_with_several_workers(make_executor, app):
     executor = make_executor(EXECUTOR_MAX_WORKERS=4)
@@ -707,35 +746,36 @@ def test_defect1_map_in_request_with_several_workers(make_executor, app):
     def per_item(number):
         # If tasks shared one context copy, concurrent pushes would fail, and the
         # counter in g would be seen by other tasks.
-        g.counter = g.get('counter', 0) + 1
+        g.counter = g.get("counter", 0) + 1
         time.sleep(0.001)
-        return number * int(request.args['mult']), g.counter, session.get('who')
+        return number * int(request.args["mult"]), g.counter, session.get("who")
 
-    with app.test_request_context('/map?mult=3'):
-        session['who'] = 'mapper'
+    with app.test_request_context("/map?mult=3"):
+        session["who"] = "mapper"
         results = list(executor.map(per_item, range(200)))
-    assert results == [(n * 3, 1, 'mapper') for n in range(200)]
+    assert results == [(n * 3, 1, "mapper") for n in range(200)]
 
 
 def test_defect1_map_in_real_request_with_several_workers(make_executor, app):
     executor = make_executor(EXECUTOR_MAX_WORKERS=4)
 
-    @app.route('/total')
+    @app.route("/total")
     def total_view():
-        offset = int(request.args['offset'])
+        offset = int(request.args["offset"])
+
         def add_offset(number):
             g.seen_by = number  # would clash if tasks shared one g
             time.sleep(0.001)
             assert g.seen_by == number
-            return number + int(request.args['offset'])
+            return number + int(request.args["offset"])
 
         values = list(executor.map(add_offset, range(100)))
-        return {'total': sum(values), 'expected': sum(range(100)) + 100 * offset}
+        return {"total": sum(values), "expected": sum(range(100)) + 100 * offset}
 
-    response = app.test_client().get('/total?offset=5')
+    response = app.test_client().get("/total?offset=5")
     assert response.status_code == 200
     body = response.get_json()
-    assert body['total'] == body['expected'] == sum(range(100)) + 500
+    assert body["total"] == body["expected"] == sum(range(100)) + 500
 
 
 def test_defect3_job_is_callable_recursive_fib(executor):
@@ -762,38 +802,37 @@ def test_defect4_submit_stored_duplicate_key_rejected_before_running(executor, a
     def first_task():
         first_started.set()
         release.wait(WAIT_SECONDS)
-        return 'first'
+        return "first"
 
     # Inside a request, as a view would do it (1.0 could only submit there).
     try:
-        with app.test_request_context('/reports'):
-            first = executor.submit_stored('report', first_task)
+        with app.test_request_context("/reports"):
+            first = executor.submit_stored("report", first_task)
             assert first_started.wait(WAIT_SECONDS)
             with pytest.raises(ValueError):
-                executor.submit_stored('report', second_ran.set)
+                executor.submit_stored("report", second_ran.set)
             assert not second_ran.wait(0.5)
     finally:
         release.set()
-    assert first.result(timeout=WAIT_SECONDS) == 'first'
-    assert executor.futures.result('report', timeout=WAIT_SECONDS) == 'first'
+    assert first.result(timeout=WAIT_SECONDS) == "first"
+    assert executor.futures.result("report", timeout=WAIT_SECONDS) == "first"
     assert not second_ran.wait(0.3)
 
 
-@pytest.mark.parametrize('executor_type', ['thread', 'process', 'sync'])
-def test_defect4_duplicate_key_never_runs_second_function(
-        make_executor, app, tmp_path, executor_type):
+@pytest.mark.parametrize("executor_type", ["thread", "process", "sync"])
+def test_defect4_duplicate_key_never_runs_second_function(make_executor, app, tmp_path, executor_type):
     executor = make_executor(EXECUTOR_TYPE=executor_type, EXECUTOR_MAX_WORKERS=2)
-    first_marker = tmp_path / 'first'
-    second_marker = tmp_path / 'second'
-    with app.test_request_context('/jobs'):
-        first = executor.submit_stored('job-key', write_marker_file, str(first_marker), 'one')
-        assert first.result(timeout=WAIT_SECONDS) == 'one'
+    first_marker = tmp_path / "first"
+    second_marker = tmp_path / "second"
+    with app.test_request_context("/jobs"):
+        first = executor.submit_stored("job-key", write_marker_file, str(first_marker), "one")
+        assert first.result(timeout=WAIT_SECONDS) == "one"
         with pytest.raises(ValueError):
-            executor.submit_stored('job-key', write_marker_file, str(second_marker), 'two')
+            executor.submit_stored("job-key", write_marker_file, str(second_marker), "two")
     time.sleep(0.5)
-    assert first_marker.read_text() == 'one'
+    assert first_marker.read_text() == "one"
     assert not second_marker.exists()
-    assert executor.futures.result('job-key') == 'one'
+    assert executor.futures.result("job-key") == "one"
 
 
 def test_defect5_isolation_between_concurrent_request_contexts(make_executor, app):
@@ -804,27 +843,32 @@ def test_defect5_isolation_between_concurrent_request_contexts(make_executor, ap
     results = {}
 
     def read_everything(item=None):
-        return (request.path, request.args.get('who'), g.get('who'),
-                session.get('who'), current_app.config['APP_MARKER'], g_scratch_stays_own())
+        return (
+            request.path,
+            request.args.get("who"),
+            g.get("who"),
+            session.get("who"),
+            current_app.config["APP_MARKER"],
+            g_scratch_stays_own(),
+        )
 
     def submitter(index):
-        with app.test_request_context(f'/user/{index}?who=args-{index}'):
-            g.who = f'g-{index}'
-            session['who'] = f'session-{index}'
+        with app.test_request_context(f"/user/{index}?who=args-{index}"):
+            g.who = f"g-{index}"
+            session["who"] = f"session-{index}"
             start_together.wait()
             futures = [executor.submit(read_everything) for _ in range(tasks_per_thread)]
             mapped = list(executor.map(read_everything, range(tasks_per_thread)))
             results[index] = [f.result(timeout=WAIT_SECONDS) for f in futures] + mapped
             # The tasks' writes to g never reach the submitter.
-            assert 'scratch' not in g
+            assert "scratch" not in g
 
     assert run_concurrently(submitter, thread_count) == []
     assert sorted(results) == list(range(thread_count))
-    marker = app.config['APP_MARKER']
+    marker = app.config["APP_MARKER"]
     for index, seen in results.items():
-        expected = (f'/user/{index}', f'args-{index}', f'g-{index}', f'session-{index}', marker,
-                    True)
-        assert seen == [expected] * (2 * tasks_per_thread), f'submitter {index} saw another context'
+        expected = (f"/user/{index}", f"args-{index}", f"g-{index}", f"session-{index}", marker, True)
+        assert seen == [expected] * (2 * tasks_per_thread), f"submitter {index} saw another context"
 
 
 def test_defect5_isolation_between_concurrent_client_requests(make_executor, app):
@@ -834,20 +878,19 @@ def test_defect5_isolation_between_concurrent_client_requests(make_executor, app
     responses = {}
 
     def read_request_and_g(item=None):
-        return [request.view_args['index'], int(request.args['i']), g.index,
-                g_scratch_stays_own()]
+        return [request.view_args["index"], int(request.args["i"]), g.index, g_scratch_stays_own()]
 
-    @app.route('/isolated/<int:index>')
+    @app.route("/isolated/<int:index>")
     def isolated_view(index):
         g.index = index
         start_together.wait()
         futures = [executor.submit(read_request_and_g) for _ in range(20)]
         mapped = list(executor.map(read_request_and_g, range(20)))
-        return {'seen': [f.result(timeout=WAIT_SECONDS) for f in futures] + mapped}
+        return {"seen": [f.result(timeout=WAIT_SECONDS) for f in futures] + mapped}
 
     def make_request(index):
-        response = app.test_client().get(f'/isolated/{index}?i={index}')
-        responses[index] = response.get_json()['seen']
+        response = app.test_client().get(f"/isolated/{index}?i={index}")
+        responses[index] = response.get_json()["seen"]
 
     assert run_concurrently(make_request, thread_count) == []
     for index in range(thread_count):
@@ -856,7 +899,7 @@ def test_defect5_isolation_between_concurrent_client_requests(make_executor, app
 
 def test_defect6_source_uses_no_private_flask_names():
     source = pathlib.Path(flask_executor.__file__).read_text()
-    for private_name in ('_cv_app', '_cv_request', '_app_ctx_stack', '_request_ctx_stack'):
+    for private_name in ("_cv_app", "_cv_request", "_app_ctx_stack", "_request_ctx_stack"):
         assert private_name not in source, private_name
 
 
@@ -864,54 +907,71 @@ def test_defect6_using_executor_in_request_emits_no_deprecation_warning(make_exe
     executor = make_executor(EXECUTOR_MAX_WORKERS=4)
     callback_markers = []
     executor.add_default_done_callback(
-        lambda future: callback_markers.append(current_app.config['APP_MARKER']))
+        lambda future: callback_markers.append(current_app.config["APP_MARKER"])
+    )
 
     @executor.job
     def job_reading_request(number):
-        return number, request.path, g.get('tag'), session.get('tag')
+        return number, request.path, g.get("tag"), session.get("tag")
 
-    @app.route('/warn-check')
+    @app.route("/warn-check")
     def warn_check_view():
-        g.tag = 'g-tag'
-        session['tag'] = 'session-tag'
-        first = executor.submit(lambda: (request.args['q'], url_for('warn_check_view')))
-        stored = executor.submit_stored('warn-key', job_reading_request, 0)
+        g.tag = "g-tag"
+        session["tag"] = "session-tag"
+        first = executor.submit(lambda: (request.args["q"], url_for("warn_check_view")))
+        stored = executor.submit_stored("warn-key", job_reading_request, 0)
         mapped = list(executor.map(job_reading_request, [1, 2, 3]))
         jobbed = job_reading_request.submit(4).result(timeout=WAIT_SECONDS)
-        return {'first': list(first.result(timeout=WAIT_SECONDS)),
-                'stored': list(stored.result(timeout=WAIT_SECONDS)),
-                'mapped': [list(m) for m in mapped], 'jobbed': list(jobbed)}
+        return {
+            "first": list(first.result(timeout=WAIT_SECONDS)),
+            "stored": list(stored.result(timeout=WAIT_SECONDS)),
+            "mapped": [list(m) for m in mapped],
+            "jobbed": list(jobbed),
+        }
 
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        response = app.test_client().get('/warn-check?q=x')
+        warnings.simplefilter("always")
+        response = app.test_client().get("/warn-check?q=x")
         with app.app_context():
             executor.submit(square_number, 2).result(timeout=WAIT_SECONDS)
         executor.submit(square_number, 3).result(timeout=WAIT_SECONDS)
         assert wait_for_condition(lambda: len(callback_markers) >= 8)
     assert response.status_code == 200
     body = response.get_json()
-    assert body['first'] == ['x', '/warn-check']
-    assert body['stored'] == [0, '/warn-check', 'g-tag', 'session-tag']
-    assert body['mapped'] == [[n, '/warn-check', 'g-tag', 'session-tag'] for n in [1, 2, 3]]
-    assert body['jobbed'] == [4, '/warn-check', 'g-tag', 'session-tag']
-    deprecations = [w for w in caught
-                    if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))]
+    assert body["first"] == ["x", "/warn-check"]
+    assert body["stored"] == [0, "/warn-check", "g-tag", "session-tag"]
+    assert body["mapped"] == [[n, "/warn-check", "g-tag", "session-tag"] for n in [1, 2, 3]]
+    assert body["jobbed"] == [4, "/warn-check", "g-tag", "session-tag"]
+    deprecations = [
+        w for w in caught if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning))
+    ]
     assert deprecations == [], [str(w.message) for w in deprecations]
 
 
 def test_importing_module_emits_no_deprecation_warning():
     module_dir = str(pathlib.Path(flask_executor.__file__).parent)
     completed = subprocess.run(
-        [sys.executable, '-W', 'error::DeprecationWarning',
-         '-W', 'error::PendingDeprecationWarning', '-c', 'import flask_executor'],
-        cwd=module_dir, capture_output=True, text=True, timeout=WAIT_SECONDS)
+        [
+            sys.executable,
+            "-W",
+            "error::DeprecationWarning",
+            "-W",
+            "error::PendingDeprecationWarning",
+            "-c",
+            "import flask_executor",
+        ],
+        cwd=module_dir,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_SECONDS,
+    )
     assert completed.returncode == 0, completed.stderr
 
 
 # ---------------------------------------------------------------------------
 # 4. FutureCollection
 # ---------------------------------------------------------------------------
+
 
 def make_finished_future(value):
     future = concurrent.futures.Future()
@@ -925,68 +985,72 @@ def test_future_collection_standalone_by_key_access():
     pending = concurrent.futures.Future()
     running = concurrent.futures.Future()
     running.set_running_or_notify_cancel()
-    finished = make_finished_future('value')
+    finished = make_finished_future("value")
     failed = concurrent.futures.Future()
     failed.set_running_or_notify_cancel()
-    failed.set_exception(KeyError('missing'))
-    for key, future in [('pending', pending), ('running', running),
-                        ('finished', finished), ('failed', failed)]:
+    failed.set_exception(KeyError("missing"))
+    for key, future in [
+        ("pending", pending),
+        ("running", running),
+        ("finished", finished),
+        ("failed", failed),
+    ]:
         collection.add(key, future)
 
     assert collection.max_length == 10
     assert len(collection) == 4
-    assert set(collection.keys()) == {'pending', 'running', 'finished', 'failed'}
+    assert set(collection.keys()) == {"pending", "running", "finished", "failed"}
 
-    assert collection.done('finished') is True
-    assert collection.done('pending') is False
-    assert collection.running('running') is True
-    assert collection.running('pending') is False
-    assert collection.result('finished') == 'value'
-    assert collection.result('finished', timeout=1) == 'value'
+    assert collection.done("finished") is True
+    assert collection.done("pending") is False
+    assert collection.running("running") is True
+    assert collection.running("pending") is False
+    assert collection.result("finished") == "value"
+    assert collection.result("finished", timeout=1) == "value"
     with pytest.raises(concurrent.futures.TimeoutError):
-        collection.result('running', timeout=0.05)
-    assert isinstance(collection.exception('failed'), KeyError)
-    assert collection.exception('finished') is None
-    assert collection._state('pending') == 'PENDING'
-    assert collection._state('running') == 'RUNNING'
-    assert collection._state('finished') == 'FINISHED'
-    assert collection.cancelled('pending') is False
-    assert collection.cancel('pending') is True
-    assert collection.cancelled('pending') is True
+        collection.result("running", timeout=0.05)
+    assert isinstance(collection.exception("failed"), KeyError)
+    assert collection.exception("finished") is None
+    assert collection._state("pending") == "PENDING"
+    assert collection._state("running") == "RUNNING"
+    assert collection._state("finished") == "FINISHED"
+    assert collection.cancelled("pending") is False
+    assert collection.cancel("pending") is True
+    assert collection.cancelled("pending") is True
     assert pending.cancelled()
-    assert collection.cancel('running') is False
+    assert collection.cancel("running") is False
 
-    running.set_result('late')
-    assert collection.result('running', timeout=1) == 'late'
+    running.set_result("late")
+    assert collection.result("running", timeout=1) == "late"
 
 
 def test_future_collection_unknown_key_gives_none():
     collection = FutureCollection()
-    collection.add('known', make_finished_future(1))
-    for method_name in ('done', 'running', 'cancelled', 'cancel', 'exception', '_state'):
-        assert getattr(collection, method_name)('unknown') is None, method_name
-    assert collection.result('unknown') is None
-    assert collection.result('unknown', timeout=0.1) is None
-    assert collection.pop('unknown') is None
+    collection.add("known", make_finished_future(1))
+    for method_name in ("done", "running", "cancelled", "cancel", "exception", "_state"):
+        assert getattr(collection, method_name)("unknown") is None, method_name
+    assert collection.result("unknown") is None
+    assert collection.result("unknown", timeout=0.1) is None
+    assert collection.pop("unknown") is None
     assert len(collection) == 1
 
 
 def test_future_collection_pop_add_duplicate_and_membership():
     collection = FutureCollection()
-    first = make_finished_future('first')
-    other = make_finished_future('other')
-    collection.add('key', first)
+    first = make_finished_future("first")
+    other = make_finished_future("other")
+    collection.add("key", first)
     with pytest.raises(ValueError):
-        collection.add('key', other)
-    assert collection.result('key') == 'first'
+        collection.add("key", other)
+    assert collection.result("key") == "first"
     assert first in collection
     assert other not in collection
-    assert collection.pop('key') is first
+    assert collection.pop("key") is first
     assert first not in collection
     assert len(collection) == 0
-    assert collection.pop('key') is None
-    collection.add('key', other)  # the key is free again
-    assert collection.result('key') == 'other'
+    assert collection.pop("key") is None
+    collection.add("key", other)  # the key is free again
+    assert collection.result("key") == "other"
 
 
 def test_future_collection_default_max_length_is_50():
@@ -995,26 +1059,26 @@ def test_future_collection_default_max_length_is_50():
 
 def test_future_collection_evicts_finished_oldest_first():
     collection = FutureCollection(max_length=3)
-    old_done = make_finished_future('a')
+    old_done = make_finished_future("a")
     unfinished_b = concurrent.futures.Future()
-    newer_done = make_finished_future('c')
+    newer_done = make_finished_future("c")
     unfinished_d = concurrent.futures.Future()
-    collection.add('a', old_done)
-    collection.add('b', unfinished_b)
-    collection.add('c', newer_done)
-    collection.add('d', unfinished_d)
+    collection.add("a", old_done)
+    collection.add("b", unfinished_b)
+    collection.add("c", newer_done)
+    collection.add("d", unfinished_d)
     # Over max_length: the oldest finished one goes.
     assert len(collection) == 3
-    assert collection.done('a') is None
-    assert set(collection.keys()) == {'b', 'c', 'd'}
+    assert collection.done("a") is None
+    assert set(collection.keys()) == {"b", "c", "d"}
 
-    collection.add('e', concurrent.futures.Future())
+    collection.add("e", concurrent.futures.Future())
     # The remaining finished one goes before any unfinished one, although it is newer.
-    assert set(collection.keys()) == {'b', 'd', 'e'}
+    assert set(collection.keys()) == {"b", "d", "e"}
 
-    collection.add('f', concurrent.futures.Future())
+    collection.add("f", concurrent.futures.Future())
     # All stored are unfinished: the oldest unfinished goes.
-    assert set(collection.keys()) == {'d', 'e', 'f'}
+    assert set(collection.keys()) == {"d", "e", "f"}
     assert unfinished_b not in collection
 
 
@@ -1045,24 +1109,23 @@ def test_future_collection_is_thread_safe():
 def test_executor_futures_stored_by_key(executor):
     release = threading.Event()
     try:
-        future = executor.submit_stored(
-            'stored-key', wait_for_event_then_return, release, 'stored-value')
+        future = executor.submit_stored("stored-key", wait_for_event_then_return, release, "stored-value")
         assert isinstance(executor.futures, FutureCollection)
         assert future in executor.futures
         assert len(executor.futures) == 1
-        assert wait_for_condition(lambda: executor.futures.running('stored-key'))
-        assert executor.futures.done('stored-key') is False
-        assert executor.futures._state('stored-key') == 'RUNNING'
+        assert wait_for_condition(lambda: executor.futures.running("stored-key"))
+        assert executor.futures.done("stored-key") is False
+        assert executor.futures._state("stored-key") == "RUNNING"
         with pytest.raises(concurrent.futures.TimeoutError):
-            executor.futures.result('stored-key', timeout=0.05)
+            executor.futures.result("stored-key", timeout=0.05)
     finally:
         release.set()
-    assert executor.futures.result('stored-key', timeout=WAIT_SECONDS) == 'stored-value'
-    assert executor.futures.done('stored-key') is True
-    assert executor.futures._state('stored-key') == 'FINISHED'
-    assert executor.futures.exception('stored-key') is None
-    assert executor.futures.pop('stored-key') is future
-    assert executor.futures.done('stored-key') is None
+    assert executor.futures.result("stored-key", timeout=WAIT_SECONDS) == "stored-value"
+    assert executor.futures.done("stored-key") is True
+    assert executor.futures._state("stored-key") == "FINISHED"
+    assert executor.futures.exception("stored-key") is None
+    assert executor.futures.pop("stored-key") is future
+    assert executor.futures.done("stored-key") is None
     assert len(executor.futures) == 0
 
 
@@ -1077,60 +1140,58 @@ def test_executor_futures_cancel_queued_by_key(make_executor):
         release.wait(WAIT_SECONDS)
 
     try:
-        executor.submit_stored('blocker', block)
+        executor.submit_stored("blocker", block)
         assert started.wait(WAIT_SECONDS)
-        executor.submit_stored('queued', queued_ran.set)
-        assert executor.futures.cancel('queued') is True
-        assert executor.futures.cancelled('queued') is True
+        executor.submit_stored("queued", queued_ran.set)
+        assert executor.futures.cancel("queued") is True
+        assert executor.futures.cancelled("queued") is True
     finally:
         release.set()
-    executor.futures.result('blocker', timeout=WAIT_SECONDS)
+    executor.futures.result("blocker", timeout=WAIT_SECONDS)
     assert not queued_ran.wait(0.3)
 
 
 def test_executor_futures_max_length_config_and_eviction_warning(make_executor, app, caplog):
     caplog.set_level(logging.WARNING)
-    executor = make_executor(EXECUTOR_FUTURES_MAX_LENGTH='2', EXECUTOR_MAX_WORKERS=4)
+    executor = make_executor(EXECUTOR_FUTURES_MAX_LENGTH="2", EXECUTOR_MAX_WORKERS=4)
     assert executor.futures.max_length == 2
     release = threading.Event()
     try:
-        executor.submit_stored('done-one', square_number, 2).result(timeout=WAIT_SECONDS)
-        executor.submit_stored('unfinished-one', wait_for_event_then_return, release, 'u1')
-        executor.submit_stored('unfinished-two', wait_for_event_then_return, release, 'u2')
+        executor.submit_stored("done-one", square_number, 2).result(timeout=WAIT_SECONDS)
+        executor.submit_stored("unfinished-one", wait_for_event_then_return, release, "u1")
+        executor.submit_stored("unfinished-two", wait_for_event_then_return, release, "u2")
         # The finished one is evicted, without a warning.
-        assert set(executor.futures.keys()) == {'unfinished-one', 'unfinished-two'}
-        assert [r for r in caplog.records if r.name == app.logger.name
-                and r.levelno >= logging.WARNING] == []
-        executor.submit_stored('unfinished-three', wait_for_event_then_return, release, 'u3')
+        assert set(executor.futures.keys()) == {"unfinished-one", "unfinished-two"}
+        assert [r for r in caplog.records if r.name == app.logger.name and r.levelno >= logging.WARNING] == []
+        executor.submit_stored("unfinished-three", wait_for_event_then_return, release, "u3")
         # All unfinished: the oldest unfinished goes, with a warning on the app's logger.
-        assert set(executor.futures.keys()) == {'unfinished-two', 'unfinished-three'}
-        assert [r for r in caplog.records if r.name == app.logger.name
-                and r.levelno == logging.WARNING]
+        assert set(executor.futures.keys()) == {"unfinished-two", "unfinished-three"}
+        assert [r for r in caplog.records if r.name == app.logger.name and r.levelno == logging.WARNING]
     finally:
         release.set()
-    assert executor.futures.result('unfinished-three', timeout=WAIT_SECONDS) == 'u3'
+    assert executor.futures.result("unfinished-three", timeout=WAIT_SECONDS) == "u3"
 
 
 # ---------------------------------------------------------------------------
 # 5. Jobs
 # ---------------------------------------------------------------------------
 
+
 def test_job_submit_submit_stored_and_map(executor, app):
     @executor.job
     def multiply(first, second=2):
-        return first * second, current_app.config['APP_MARKER']
+        return first * second, current_app.config["APP_MARKER"]
 
-    marker = app.config['APP_MARKER']
+    marker = app.config["APP_MARKER"]
     future = multiply.submit(3, second=4)
     assert isinstance(future, concurrent.futures.Future)
     assert future.result(timeout=WAIT_SECONDS) == (12, marker)
-    stored = multiply.submit_stored('multiply-key', 5)
+    stored = multiply.submit_stored("multiply-key", 5)
     assert stored.result(timeout=WAIT_SECONDS) == (10, marker)
-    assert executor.futures.result('multiply-key') == (10, marker)
+    assert executor.futures.result("multiply-key") == (10, marker)
     with pytest.raises(ValueError):
-        multiply.submit_stored('multiply-key', 6)
-    assert list(multiply.map([1, 2, 3], [10, 20, 30])) == [
-        (10, marker), (40, marker), (90, marker)]
+        multiply.submit_stored("multiply-key", 6)
+    assert list(multiply.map([1, 2, 3], [10, 20, 30])) == [(10, marker), (40, marker), (90, marker)]
     with app.app_context():
         assert multiply(7) == (14, marker)  # a direct call, in the caller's context
 
@@ -1166,31 +1227,32 @@ def test_job_preserves_name_doc_and_wrapped(executor):
         return number * 2
 
     job = executor.job(documented_task)
-    assert job.__name__ == 'documented_task'
-    assert job.__doc__ == 'Doubles the number.'
+    assert job.__name__ == "documented_task"
+    assert job.__doc__ == "Doubles the number."
     assert job.__wrapped__ is documented_task
     assert isinstance(job, flask_executor.ExecutorJob)
 
 
 def test_module_level_job_runs_in_process_pool(app):
-    app.config['PROCESSJOBS_EXECUTOR_TYPE'] = 'process'
-    app.config['PROCESSJOBS_EXECUTOR_MAX_WORKERS'] = 2
+    app.config["PROCESSJOBS_EXECUTOR_TYPE"] = "process"
+    app.config["PROCESSJOBS_EXECUTOR_MAX_WORKERS"] = 2
     process_jobs_executor.init_app(app)
     try:
         assert cube_number_job(2) == 8
-        assert cube_number_job.__name__ == 'cube_number_job'
-        assert cube_number_job.__doc__ == 'Return the cube of number.'
+        assert cube_number_job.__name__ == "cube_number_job"
+        assert cube_number_job.__doc__ == "Return the cube of number."
         assert cube_number_job.submit(3).result(timeout=WAIT_SECONDS) == 27
-        assert cube_number_job.submit_stored('cube-key', 4).result(timeout=WAIT_SECONDS) == 64
+        assert cube_number_job.submit_stored("cube-key", 4).result(timeout=WAIT_SECONDS) == 64
         assert list(cube_number_job.map([1, 2, 3])) == [1, 8, 27]
     finally:
         process_jobs_executor.shutdown(wait=True)
-        process_jobs_executor.futures.pop('cube-key')
+        process_jobs_executor.futures.pop("cube-key")
 
 
 # ---------------------------------------------------------------------------
 # 6. Done callbacks
 # ---------------------------------------------------------------------------
+
 
 def test_default_done_callback_called_for_every_future(executor, app):
     seen = []
@@ -1198,7 +1260,7 @@ def test_default_done_callback_called_for_every_future(executor, app):
 
     def record_future(future):
         with lock:
-            seen.append((future, has_app_context() and current_app.config['APP_MARKER']))
+            seen.append((future, has_app_context() and current_app.config["APP_MARKER"]))
 
     executor.add_default_done_callback(record_future)
 
@@ -1207,9 +1269,9 @@ def test_default_done_callback_called_for_every_future(executor, app):
         return number + 10
 
     futures = [executor.submit(square_number, n) for n in range(3)]
-    futures.append(executor.submit_stored('callback-key', square_number, 9))
+    futures.append(executor.submit_stored("callback-key", square_number, 9))
     futures.append(add_ten.submit(1))
-    futures.append(add_ten.submit_stored('callback-job-key', 2))
+    futures.append(add_ten.submit_stored("callback-job-key", 2))
     mapped = list(executor.map(square_number, [4, 5]))
     mapped += list(add_ten.map([6]))
     assert mapped == [16, 25, 16]
@@ -1224,38 +1286,35 @@ def test_default_done_callback_called_for_every_future(executor, app):
     for future in futures:
         assert seen_futures.count(future) == 1
     # Every callback ran inside an app context of the executor's app.
-    assert {marker for _, marker in seen} == {app.config['APP_MARKER']}
+    assert {marker for _, marker in seen} == {app.config["APP_MARKER"]}
 
 
 def test_done_callbacks_run_in_app_context_even_when_added_after_completion(executor, app):
     markers = []
     default_markers = []
-    executor.add_default_done_callback(
-        lambda future: default_markers.append(app_marker_in_current_context()))
+    executor.add_default_done_callback(lambda future: default_markers.append(app_marker_in_current_context()))
     future = executor.submit(square_number, 6)
     assert future.result(timeout=WAIT_SECONDS) == 36
     assert wait_for_condition(lambda: len(default_markers) == 1)
 
     # Added after completion, from a thread with no context: runs at once, in a context.
     assert not has_app_context()
-    future.add_done_callback(lambda done: markers.append(
-        (app_marker_in_current_context(), done.result())))
+    future.add_done_callback(lambda done: markers.append((app_marker_in_current_context(), done.result())))
     assert wait_for_condition(lambda: len(markers) == 1)
     assert not has_app_context()
 
     # Added before completion.
     release = threading.Event()
-    pending = executor.submit(lambda: release.wait(WAIT_SECONDS) and 'late')
-    pending.add_done_callback(lambda done: markers.append(
-        (app_marker_in_current_context(), done.result())))
+    pending = executor.submit(lambda: release.wait(WAIT_SECONDS) and "late")
+    pending.add_done_callback(lambda done: markers.append((app_marker_in_current_context(), done.result())))
     release.set()
-    assert pending.result(timeout=WAIT_SECONDS) == 'late'
+    assert pending.result(timeout=WAIT_SECONDS) == "late"
     assert wait_for_condition(lambda: len(markers) == 2)
 
-    marker = app.config['APP_MARKER']
+    marker = app.config["APP_MARKER"]
     assert wait_for_condition(lambda: len(default_markers) == 2)  # one per future
     assert default_markers == [marker, marker]
-    assert markers == [(marker, 36), (marker, 'late')]
+    assert markers == [(marker, 36), (marker, "late")]
 
 
 def test_raising_callback_is_logged_and_others_still_run(executor, app, caplog):
@@ -1263,43 +1322,47 @@ def test_raising_callback_is_logged_and_others_still_run(executor, app, caplog):
     later_ran = threading.Event()
 
     def failing_callback(future):
-        raise RuntimeError('callback-failure-marker')
+        raise RuntimeError("callback-failure-marker")
 
     executor.add_default_done_callback(failing_callback)
     future = executor.submit(square_number, 2)
     future.add_done_callback(lambda done: later_ran.set())
     assert future.result(timeout=WAIT_SECONDS) == 4
     assert later_ran.wait(WAIT_SECONDS)
-    assert wait_for_condition(
-        lambda: app_error_records_mentioning(caplog, app, 'callback-failure-marker'))
+    assert wait_for_condition(lambda: app_error_records_mentioning(caplog, app, "callback-failure-marker"))
 
 
 TASK_EXCEPTION_LOGGING_CASES = [
     # (executor type, EXECUTOR_PROPAGATE_EXCEPTIONS, EXECUTOR_LOG_EXCEPTIONS, ERROR records)
     (executor_type, propagate, log_exceptions, expected_records)
-    for executor_type in ('thread', 'process')
+    for executor_type in ("thread", "process")
     for propagate, log_exceptions, expected_records in [
-        (False, True, 1),   # the default: the task's failure is logged once
-        (True, False, 1),   # logged because the propagate callback re-raises it
-        (True, True, 1),    # both on: still logged once, not twice
+        (False, True, 1),  # the default: the task's failure is logged once
+        (True, False, 1),  # logged because the propagate callback re-raises it
+        (True, True, 1),  # both on: still logged once, not twice
         (False, False, 0),  # neither: kept in the future only
     ]
-] + [('sync', False, True, 1), ('sync', False, False, 0)]
+] + [("sync", False, True, 1), ("sync", False, False, 0)]
 
 
 @pytest.mark.parametrize(
-    'executor_type,propagate,log_exceptions,expected_records', TASK_EXCEPTION_LOGGING_CASES)
+    "executor_type,propagate,log_exceptions,expected_records", TASK_EXCEPTION_LOGGING_CASES
+)
 def test_task_exception_logging_and_propagation(
-        make_executor, app, caplog, executor_type, propagate, log_exceptions, expected_records):
+    make_executor, app, caplog, executor_type, propagate, log_exceptions, expected_records
+):
     caplog.set_level(logging.WARNING)
-    if executor_type == 'thread':
+    if executor_type == "thread":
         # Config read from the environment comes as strings: the thread rows use words.
-        words = {True: 'True', False: 'off'}
+        words = {True: "True", False: "off"}
         propagate, log_exceptions = words[propagate], words[log_exceptions]
-    executor = make_executor(EXECUTOR_TYPE=executor_type, EXECUTOR_MAX_WORKERS=2,
-                             EXECUTOR_PROPAGATE_EXCEPTIONS=propagate,
-                             EXECUTOR_LOG_EXCEPTIONS=log_exceptions)
-    marker = f'failure-marker-{uuid.uuid4().hex}'
+    executor = make_executor(
+        EXECUTOR_TYPE=executor_type,
+        EXECUTOR_MAX_WORKERS=2,
+        EXECUTOR_PROPAGATE_EXCEPTIONS=propagate,
+        EXECUTOR_LOG_EXCEPTIONS=log_exceptions,
+    )
+    marker = f"failure-marker-{uuid.uuid4().hex}"
     callbacks_done = threading.Event()
     future = executor.submit(raise_value_error_with_message, marker)
     future.add_done_callback(lambda done: callbacks_done.set())
@@ -1317,7 +1380,7 @@ def test_task_exception_logging_and_propagation(
 
 
 def test_propagate_exceptions_in_sync_mode_raises_from_submit(make_executor):
-    executor = make_executor(EXECUTOR_TYPE='sync', EXECUTOR_PROPAGATE_EXCEPTIONS='yes')
+    executor = make_executor(EXECUTOR_TYPE="sync", EXECUTOR_PROPAGATE_EXCEPTIONS="yes")
     with pytest.raises(ZeroDivisionError):
         executor.submit(divide_one_by_zero)
 
@@ -1326,18 +1389,19 @@ def test_propagate_exceptions_callback_is_importable_and_reraises():
     from flask_executor import propagate_exceptions_callback
 
     failed = concurrent.futures.Future()
-    failed.set_exception(KeyError('reraised'))
+    failed.set_exception(KeyError("reraised"))
     with pytest.raises(KeyError):
         propagate_exceptions_callback(failed)
-    assert propagate_exceptions_callback(make_finished_future('fine')) is None
+    assert propagate_exceptions_callback(make_finished_future("fine")) is None
 
 
 # ---------------------------------------------------------------------------
 # 7. Process pools
 # ---------------------------------------------------------------------------
 
+
 def test_process_pool_runs_module_level_function(make_executor):
-    executor = make_executor(EXECUTOR_TYPE='process', EXECUTOR_MAX_WORKERS=2)
+    executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2)
     future = executor.submit(add_two_numbers, 20, second=22)
     assert isinstance(future, concurrent.futures.Future)
     assert future.result(timeout=WAIT_SECONDS) == 42
@@ -1345,32 +1409,31 @@ def test_process_pool_runs_module_level_function(make_executor):
 
 
 def test_process_pool_map_in_order(make_executor):
-    executor = make_executor(EXECUTOR_TYPE='process', EXECUTOR_MAX_WORKERS=2)
+    executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2)
     assert list(executor.map(square_number, range(20))) == [n * n for n in range(20)]
-    assert list(executor.map(square_number, range(20), chunksize=5)) == [
-        n * n for n in range(20)]
+    assert list(executor.map(square_number, range(20), chunksize=5)) == [n * n for n in range(20)]
     assert list(executor.map(add_two_numbers, [1, 2], [3, 4])) == [4, 6]
 
 
 def test_process_pool_submit_stored_and_exception(make_executor):
-    executor = make_executor(EXECUTOR_TYPE='process', EXECUTOR_MAX_WORKERS=2)
-    executor.submit_stored('process-key', square_number, 12)
-    assert executor.futures.result('process-key', timeout=WAIT_SECONDS) == 144
-    failing = executor.submit(raise_value_error_with_message, 'process-failure')
+    executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2)
+    executor.submit_stored("process-key", square_number, 12)
+    assert executor.futures.result("process-key", timeout=WAIT_SECONDS) == 144
+    failing = executor.submit(raise_value_error_with_message, "process-failure")
     error = failing.exception(timeout=WAIT_SECONDS)
     assert isinstance(error, ValueError)
-    assert 'process-failure' in str(error)
+    assert "process-failure" in str(error)
 
 
 def test_process_pool_rejects_lambda_at_submit_with_type_error(make_executor):
-    executor = make_executor(EXECUTOR_TYPE='process', EXECUTOR_MAX_WORKERS=2)
-    with pytest.raises(TypeError, match='(?i)pickl'):
+    executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2)
+    with pytest.raises(TypeError, match="(?i)pickl"):
         executor.submit(lambda: 1)
 
     def local_closure():
         return executor
 
-    with pytest.raises(TypeError, match='(?i)pickl'):
+    with pytest.raises(TypeError, match="(?i)pickl"):
         executor.submit(local_closure)
     # The executor still works afterwards.
     assert executor.submit(square_number, 3).result(timeout=WAIT_SECONDS) == 9
@@ -1381,44 +1444,972 @@ def record_app_marker_of_callback(markers, future):
 
 
 def test_process_pool_done_callbacks_run_in_app_context(make_executor, app):
-    executor = make_executor(EXECUTOR_TYPE='process', EXECUTOR_MAX_WORKERS=2)
+    executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2)
     default_markers = []
     later_markers = []
-    executor.add_default_done_callback(
-        lambda future: record_app_marker_of_callback(default_markers, future))
+    executor.add_default_done_callback(lambda future: record_app_marker_of_callback(default_markers, future))
     futures = [executor.submit(square_number, n) for n in range(3)]
-    futures.append(executor.submit_stored('process-callback-key', square_number, 5))
+    futures.append(executor.submit_stored("process-callback-key", square_number, 5))
     assert list(executor.map(square_number, [6, 7])) == [36, 49]
     assert [f.result(timeout=WAIT_SECONDS) for f in futures] == [0, 1, 4, 25]
     assert wait_for_condition(lambda: len(default_markers) == 6)
     # Added after completion, from this thread with no context.
-    futures[2].add_done_callback(
-        lambda future: record_app_marker_of_callback(later_markers, future))
+    futures[2].add_done_callback(lambda future: record_app_marker_of_callback(later_markers, future))
     assert wait_for_condition(lambda: len(later_markers) == 1)
-    marker = app.config['APP_MARKER']
-    assert sorted(default_markers) == sorted(
-        [(marker, value) for value in (0, 1, 4, 25, 36, 49)])
+    marker = app.config["APP_MARKER"]
+    assert sorted(default_markers) == sorted([(marker, value) for value in (0, 1, 4, 25, 36, 49)])
     assert later_markers == [(marker, 4)]
 
 
 def test_process_pool_fork_task_runs_in_app_context(make_executor, app):
-    executor = make_executor(
-        EXECUTOR_TYPE='process', EXECUTOR_MAX_WORKERS=1, EXECUTOR_MP_CONTEXT='fork')
-    assert executor.submit(app_marker_in_current_context).result(
-        timeout=WAIT_SECONDS) == app.config['APP_MARKER']
+    executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1, EXECUTOR_MP_CONTEXT="fork")
+    assert (
+        executor.submit(app_marker_in_current_context).result(timeout=WAIT_SECONDS)
+        == app.config["APP_MARKER"]
+    )
 
 
 # ---------------------------------------------------------------------------
 # 8. Exported names
 # ---------------------------------------------------------------------------
 
+
 def test_exported_names():
     assert isinstance(flask_executor.__version__, str)
     assert flask_executor.__version__
     assert flask_executor.Executor is Executor
     assert flask_executor.FutureCollection is FutureCollection
-    for public_name in ('Executor', 'ExecutorJob', 'FutureCollection', 'TaskFuture',
-                        'Progress', 'report_progress', 'QueueFull',
-                        'propagate_exceptions_callback', '__version__'):
+    for public_name in (
+        "Executor",
+        "ExecutorJob",
+        "FutureCollection",
+        "TaskFuture",
+        "Progress",
+        "report_progress",
+        "QueueFull",
+        "propagate_exceptions_callback",
+        "__version__",
+    ):
         assert hasattr(flask_executor, public_name), public_name
     assert issubclass(flask_executor.TaskFuture, concurrent.futures.Future)
+
+
+# ================================================================================================
+# Ecosystem (issue 5): test mode, coroutine functions, pluggable executors and Dask,
+# process pools with an app context, process pool options, typing for users of the wheel
+# ================================================================================================
+# Issue 5 (ecosystem): test mode, coroutine functions, pluggable executors and Dask,
+# process pools with an app context, process pool options, and typing for users of the wheel.
+#
+# Conventions (this part is appended to test_flask_executor.py): module-level helpers and
+# fixtures start with ``eco_`` (classes with ``Eco``), tests with ``test_ecosystem_``.
+# Functions that process pools, spawned workers or Dask workers run are module-level, so they
+# pickle by reference; spawned workers import this module by its name, from sys.path.
+
+
+ECO_REPO = Path(__file__).resolve().parent
+ECO_WORKER_APP_MODULE = "eco_worker_app"
+ECO_WORKER_APP_SOURCE = '''\
+"""The app that spawned and forkserver workers load through EXECUTOR_PROCESS_APP."""
+from flask import Flask
+
+CREATED = 0
+
+
+def create_app():
+    global CREATED
+    CREATED += 1
+    app = Flask("eco_worker_app")
+    app.config["ECO_X"] = "from-create-app"
+    return app
+
+
+app = Flask("eco_worker_app")
+app.config["ECO_X"] = "from-module-app"
+'''
+# Set by a test before a pool starts: forked workers see the new value, spawned ones the import-time one.
+eco_parent_marker = {"value": "import-time"}
+# Keyword arguments the executor factories below were called with.
+eco_factory_calls = []
+# The Dask client of the running test cluster (set by the eco_dask_client fixture).
+eco_dask_state = {"client": None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks (module-level so that every kind of pool can run them)
+
+
+def eco_add(a, b):
+    return a + b
+
+
+def eco_divide(a, b):
+    return a / b
+
+
+def eco_thread_ident():
+    return threading.get_ident()
+
+
+def eco_new_uuid():
+    return uuid.uuid4().hex
+
+
+def eco_echo_kwargs(**kwargs):
+    return kwargs
+
+
+def eco_nap_then_return(value, seconds=0.5):
+    time.sleep(seconds)
+    return value
+
+
+def eco_snapshot():
+    """What a task can see of its process, thread and Flask contexts."""
+    snap = {
+        "pid": os.getpid(),
+        "ppid": os.getppid(),
+        "marker": eco_parent_marker["value"],
+        "thread": threading.get_ident(),
+        "thread_name": threading.current_thread().name,
+        "has_app": has_app_context(),
+        "has_request": has_request_context(),
+        "app_name": None,
+        "x": None,
+        "g_user": None,
+        "path": None,
+        "args": None,
+    }
+    if has_app_context():
+        snap["app_name"] = current_app.name
+        snap["x"] = current_app.config.get("ECO_X")
+        snap["g_user"] = g.get("eco_user")
+    if has_request_context():
+        snap["path"] = request.path
+        snap["args"] = request.args.to_dict()
+    return snap
+
+
+def eco_snapshot_and_mark_g():
+    """Like eco_snapshot, then writes to g (which must not reach the submitter's g)."""
+    snap = eco_snapshot()
+    g.eco_written_by_task = True
+    return snap
+
+
+def eco_worker_app_creations():
+    return sys.modules[ECO_WORKER_APP_MODULE].CREATED
+
+
+async def eco_async_add(a, b):
+    await asyncio.sleep(0)
+    return a + b
+
+
+async def eco_async_app_name():
+    await asyncio.sleep(0)
+    return current_app.name
+
+
+async def eco_async_divide(a, b):
+    await asyncio.sleep(0)
+    return a / b
+
+
+async def eco_async_snapshot():
+    await asyncio.sleep(0)
+    return eco_snapshot()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pluggable executors
+
+
+class EcoThreadPool(concurrent.futures.ThreadPoolExecutor):
+    """A user's ThreadPoolExecutor subclass: thread-like, so contexts are pushed."""
+
+    def __init__(self, max_workers=None):
+        super().__init__(max_workers=max_workers, thread_name_prefix="eco-pool")
+
+
+def eco_thread_pool_factory(**kwargs):
+    eco_factory_calls.append(kwargs)
+    return EcoThreadPool(**kwargs)
+
+
+def eco_fork_pool_factory(**kwargs):
+    eco_factory_calls.append(kwargs)
+    return concurrent.futures.ProcessPoolExecutor(mp_context=multiprocessing.get_context("fork"), **kwargs)
+
+
+def eco_not_an_executor_factory(**kwargs):
+    return object()
+
+
+class EcoPicklingExecutor(concurrent.futures.Executor):
+    """A process-like executor that is no stdlib pool: each call travels through pickle and
+    runs in a new thread (which starts with no Flask context)."""
+
+    def __init__(self, max_workers=None):
+        self.submitted = 0
+
+    def submit(self, fn, /, *args, **kwargs):
+        fn, args, kwargs = pickle.loads(pickle.dumps((fn, args, kwargs)))
+        self.submitted += 1
+        future = concurrent.futures.Future()
+
+        def run():
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args, **kwargs))
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+        threading.Thread(target=run, name="eco-pickling").start()
+        return future
+
+
+def eco_dask_executor_factory():
+    return eco_dask_state["client"].get_executor()
+
+
+# A module-level job: process pools pickle it by reference (1.0 raised TypeError here).
+eco_job_executor = Executor(name="ecojob")
+
+
+@eco_job_executor.job
+def eco_job_square(x):
+    return x * x, os.getpid()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+
+def eco_new_app(**config):
+    app = Flask(__name__)
+    app.config["TESTING"] = True
+    app.config["ECO_X"] = uuid.uuid4().hex
+    app.config.update(config)
+    return app
+
+
+@pytest.fixture
+def eco_make_executor():
+    """Makes executors bound to an app with the given config; shuts them all down afterwards."""
+    made = []
+
+    def make(app=None, name="", **config):
+        app = app if app is not None else eco_new_app()
+        prefix = f"{name.upper()}_" if name else ""
+        for key, value in config.items():
+            app.config[prefix + key] = value
+        executor = Executor(app, name=name)
+        made.append(executor)
+        return executor
+
+    yield make
+    for executor in made:
+        executor.shutdown(wait=True)
+
+
+@pytest.fixture
+def eco_job_executor_bound():
+    """Binds the module-level eco_job_executor to a fresh app with the given config."""
+
+    def bind(**config):
+        app = eco_new_app(**{f"ECOJOB_{key}": value for key, value in config.items()})
+        eco_job_executor.init_app(app)
+        return app
+
+    yield bind
+    eco_job_executor.shutdown(wait=True)
+
+
+@pytest.fixture(scope="session")
+def eco_worker_app(tmp_path_factory):
+    """Writes the worker app module, puts its folder on sys.path (spawned workers, forkserver
+    workers and Dask workers get the parent's sys.path) and returns the imported module."""
+    folder = tmp_path_factory.mktemp("eco_worker_app")
+    (folder / f"{ECO_WORKER_APP_MODULE}.py").write_text(ECO_WORKER_APP_SOURCE)
+    sys.path.insert(0, str(folder))
+    importlib.invalidate_caches()
+    module = importlib.import_module(ECO_WORKER_APP_MODULE)
+    yield module
+    sys.path.remove(str(folder))
+    sys.modules.pop(ECO_WORKER_APP_MODULE, None)
+
+
+@pytest.fixture(scope="class")
+def eco_dask_client(eco_worker_app):
+    # Imported here, not at the top: spawned workers import this module, and they need no Dask.
+    import distributed
+
+    cluster = distributed.LocalCluster(
+        n_workers=1,
+        threads_per_worker=2,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=None,
+    )
+    client = distributed.Client(cluster)
+    eco_dask_state["client"] = client
+    yield client
+    eco_dask_state["client"] = None
+    client.close()
+    cluster.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Test mode: EXECUTOR_TYPE='sync'
+
+
+def test_ecosystem_sync_runs_inline_in_the_caller_and_returns_a_finished_future(eco_make_executor):
+    executor = eco_make_executor(EXECUTOR_TYPE="sync")
+    ran = []
+    future = executor.submit(ran.append, "ran")
+    assert ran == ["ran"]
+    assert future.done()
+    assert isinstance(future, TaskFuture)
+    assert isinstance(future, concurrent.futures.Future)
+
+    future = executor.submit(eco_thread_ident)
+    assert future.done()
+    assert future.result(timeout=0) == threading.get_ident()
+
+
+def test_ecosystem_sync_task_gets_a_fresh_app_context_with_a_copy_of_g(eco_make_executor):
+    app = eco_new_app()
+    torn_down = []
+    app.teardown_appcontext(lambda exc: torn_down.append("app"))
+    executor = eco_make_executor(app, EXECUTOR_TYPE="sync")
+    with app.app_context():
+        g.eco_user = "alice"
+        snap = executor.submit(eco_snapshot_and_mark_g).result(timeout=0)
+        assert snap["app_name"] == app.name
+        assert snap["x"] == app.config["ECO_X"]
+        assert snap["g_user"] == "alice"
+        assert snap["thread"] == threading.get_ident()
+        # The task's g was a copy; the caller's context is back in place and untouched.
+        assert torn_down == ["app"]
+        assert "eco_written_by_task" not in g
+        assert g.eco_user == "alice"
+        assert current_app._get_current_object() is app
+    assert torn_down == ["app", "app"]
+
+
+def test_ecosystem_sync_task_gets_a_copy_of_the_request_and_teardowns_run(eco_make_executor):
+    app = eco_new_app()
+    torn_down = []
+    app.teardown_appcontext(lambda exc: torn_down.append("app"))
+    app.teardown_request(lambda exc: torn_down.append("request"))
+    executor = eco_make_executor(app, EXECUTOR_TYPE="sync")
+    with app.test_request_context("/eco/sync?q=1"):
+        g.eco_user = "bob"
+        snap = executor.submit(eco_snapshot_and_mark_g).result(timeout=0)
+        assert snap["has_request"]
+        assert snap["path"] == "/eco/sync"
+        assert snap["args"] == {"q": "1"}
+        assert snap["g_user"] == "bob"
+        assert sorted(torn_down) == ["app", "request"]
+        assert request.path == "/eco/sync"
+        assert "eco_written_by_task" not in g
+
+
+def test_ecosystem_sync_without_any_context_uses_the_bound_app(eco_make_executor):
+    app = eco_new_app()
+    executor = eco_make_executor(app, EXECUTOR_TYPE="sync")
+    assert not has_app_context()
+    snap = executor.submit(eco_snapshot).result(timeout=0)
+    assert snap["has_app"]
+    assert snap["app_name"] == app.name
+    assert not snap["has_request"]
+    assert not has_app_context()
+
+
+def test_ecosystem_sync_stored_futures_jobs_map_and_default_callbacks(eco_make_executor):
+    app = eco_new_app()
+    executor = eco_make_executor(app, EXECUTOR_TYPE="sync")
+    seen = []
+    executor.add_default_done_callback(lambda future: seen.append((future.result(), current_app.name)))
+
+    future = executor.submit_stored("eco-sum", eco_add, 1, 2)
+    assert future.done()
+    assert seen == [(3, app.name)]
+    assert "eco-sum" in executor.futures.keys()  # noqa: SIM118 (`in futures` tests futures)
+    assert executor.futures.done("eco-sum") is True
+    assert executor.futures.result("eco-sum") == 3
+    with pytest.raises(ValueError):
+        executor.submit_stored("eco-sum", eco_add, 5, 5)
+    assert executor.futures.pop("eco-sum") is future
+
+    @executor.job
+    def eco_local_job(a, b):
+        return a * b
+
+    assert eco_local_job(2, 3) == 6
+    job_future = eco_local_job.submit(4, 5)
+    assert job_future.done()
+    assert job_future.result(timeout=0) == 20
+    assert seen[-1] == (20, app.name)
+    assert eco_local_job.submit_stored("eco-job", 2, 2).result(timeout=0) == 4
+    assert executor.futures.result("eco-job") == 4
+    assert list(eco_local_job.map([1, 2], [3, 4])) == [3, 8]
+    assert list(executor.map(eco_add, [1, 2, 3], [10, 20, 30])) == [11, 22, 33]
+
+    # Closures are fine in test mode: nothing is pickled. A task may submit another one.
+    assert (
+        executor.submit(lambda: executor.submit(eco_add, 2, 3).result(timeout=0) + 1).result(timeout=0) == 6
+    )
+
+
+def test_ecosystem_sync_exception_is_kept_on_the_future_by_default(eco_make_executor):
+    executor = eco_make_executor(EXECUTOR_TYPE="sync", EXECUTOR_LOG_EXCEPTIONS=False)
+    future = executor.submit(eco_divide, 1, 0)
+    assert future.done()
+    assert isinstance(future.exception(timeout=0), ZeroDivisionError)
+
+
+@pytest.mark.parametrize("propagate", [True, "true", "yes"])
+def test_ecosystem_sync_propagate_exceptions_raises_from_submit(eco_make_executor, propagate):
+    executor = eco_make_executor(
+        EXECUTOR_TYPE="sync", EXECUTOR_PROPAGATE_EXCEPTIONS=propagate, EXECUTOR_LOG_EXCEPTIONS=False
+    )
+    with pytest.raises(ZeroDivisionError):
+        executor.submit(eco_divide, 1, 0)
+    assert executor.submit(eco_divide, 1, 4).result(timeout=0) == 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Coroutine functions
+
+
+@pytest.mark.parametrize("executor_type", ["thread", "sync"])
+def test_ecosystem_coroutine_functions_give_their_awaited_result(eco_make_executor, executor_type):
+    app = eco_new_app()
+    executor = eco_make_executor(app, EXECUTOR_TYPE=executor_type)
+    assert executor.submit(eco_async_add, 2, 3).result(timeout=30) == 5
+    assert executor.submit(eco_async_app_name).result(timeout=30) == app.name
+    assert executor.submit_stored("eco-async", eco_async_add, 1, 1).result(timeout=30) == 2
+    assert list(executor.map(eco_async_add, [1, 2], [10, 20], timeout=30)) == [11, 22]
+
+    failing = executor.submit(eco_async_divide, 1, 0)
+    assert isinstance(failing.exception(timeout=30), ZeroDivisionError)
+
+    job = executor.job(eco_async_add)
+    assert job.submit(4, 5).result(timeout=30) == 9
+    assert list(job.map([1, 2], [1, 1], timeout=30)) == [2, 3]
+
+    async def eco_local_coroutine():
+        await asyncio.sleep(0)
+        return g.get("eco_user"), current_app.name
+
+    with app.app_context():
+        g.eco_user = "carol"
+        assert executor.submit(eco_local_coroutine).result(timeout=30) == ("carol", app.name)
+
+
+def test_ecosystem_coroutine_in_sync_mode_inside_a_running_event_loop(eco_make_executor):
+    executor = eco_make_executor(EXECUTOR_TYPE="sync")
+
+    async def caller():
+        future = executor.submit(eco_async_add, 1, 2)
+        assert future.done()
+        return future.result(timeout=0)
+
+    assert asyncio.run(caller()) == 3
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_ecosystem_coroutine_in_a_process_pool(eco_make_executor, start_method):
+    app = eco_new_app()
+    executor = eco_make_executor(
+        app, EXECUTOR_TYPE="process", EXECUTOR_MP_CONTEXT=start_method, EXECUTOR_MAX_WORKERS=1
+    )
+    assert executor.submit(eco_async_add, 20, 22).result(timeout=60) == 42
+    assert list(executor.map(eco_async_add, [1, 2], [1, 1], timeout=60)) == [2, 3]
+    snap = executor.submit(eco_async_snapshot).result(timeout=60)
+    assert snap["pid"] != os.getpid()
+    if start_method == "fork":
+        assert snap["app_name"] == app.name
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Pluggable executors
+
+
+@pytest.mark.timeout(60)
+def test_ecosystem_pluggable_import_string_of_a_thread_pool_class_pushes_contexts(eco_make_executor):
+    app = eco_new_app()
+    executor = eco_make_executor(app, EXECUTOR_TYPE="concurrent.futures:ThreadPoolExecutor")
+    with app.test_request_context("/eco/plug?q=2"):
+        g.eco_user = "dave"
+        snap = executor.submit(eco_snapshot).result(timeout=30)
+    assert snap["thread"] != threading.get_ident()
+    assert snap["app_name"] == app.name
+    assert snap["g_user"] == "dave"
+    assert snap["path"] == "/eco/plug"
+    assert snap["args"] == {"q": "2"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("max_workers", [3, "3"])
+def test_ecosystem_pluggable_factory_import_string_gets_max_workers(eco_make_executor, max_workers):
+    eco_factory_calls.clear()
+    executor = eco_make_executor(
+        EXECUTOR_TYPE=f"{__name__}:eco_thread_pool_factory", EXECUTOR_MAX_WORKERS=max_workers
+    )
+    assert executor.submit(eco_add, 1, 2).result(timeout=30) == 3
+    assert eco_factory_calls
+    assert all(call == {"max_workers": 3} for call in eco_factory_calls)
+
+
+@pytest.mark.timeout(60)
+def test_ecosystem_pluggable_factory_without_max_workers_is_called_without_it(eco_make_executor):
+    eco_factory_calls.clear()
+    executor = eco_make_executor(EXECUTOR_TYPE=f"{__name__}:eco_thread_pool_factory")
+    assert executor.submit(eco_add, 1, 2).result(timeout=30) == 3
+    assert eco_factory_calls
+    assert all(call == {} for call in eco_factory_calls)
+
+
+@pytest.mark.timeout(60)
+def test_ecosystem_pluggable_callables_as_executor_type(eco_make_executor):
+    eco_factory_calls.clear()
+    executor = eco_make_executor(EXECUTOR_TYPE=eco_thread_pool_factory, EXECUTOR_MAX_WORKERS=2)
+    assert executor.submit(eco_snapshot).result(timeout=30)["thread_name"].startswith("eco-pool")
+    assert eco_factory_calls
+    assert all(call == {"max_workers": 2} for call in eco_factory_calls)
+
+    executor = eco_make_executor(EXECUTOR_TYPE=concurrent.futures.ThreadPoolExecutor)
+    assert executor.submit(eco_add, 2, 2).result(timeout=30) == 4
+
+
+@pytest.mark.parametrize(
+    "executor_type", [f"{__name__}:eco_not_an_executor_factory", eco_not_an_executor_factory]
+)
+@pytest.mark.parametrize("name", ["", "ecobad"])
+def test_ecosystem_pluggable_factory_returning_no_executor_fails_at_init_app(executor_type, name):
+    key = f"{name.upper()}_EXECUTOR_TYPE" if name else "EXECUTOR_TYPE"
+    app = eco_new_app(**{key: executor_type})
+    executor = Executor(name=name)
+    with pytest.raises(ValueError, match=key):
+        executor.init_app(app)
+
+
+@pytest.mark.parametrize(
+    "executor_type",
+    [
+        "eco_no_such_module_anywhere:Pool",
+        "concurrent.futures:NoSuchPool",
+        "concurrent.futures:",
+        ":ThreadPoolExecutor",
+        "not an import string",
+    ],
+)
+def test_ecosystem_pluggable_bad_import_string_fails_at_init_app(executor_type):
+    app = eco_new_app(EXECUTOR_TYPE=executor_type)
+    with pytest.raises(ValueError, match="EXECUTOR_TYPE"):
+        Executor(app)
+
+
+@pytest.mark.timeout(60)
+def test_ecosystem_pluggable_thread_pool_subclass_is_thread_like(eco_make_executor):
+    app = eco_new_app()
+    torn_down = []
+    app.teardown_appcontext(lambda exc: torn_down.append("app"))
+    app.teardown_request(lambda exc: torn_down.append("request"))
+    executor = eco_make_executor(app, EXECUTOR_TYPE=eco_thread_pool_factory)
+    with app.test_request_context("/eco/subclass"):
+        g.eco_user = "erin"
+        future = executor.submit(eco_snapshot)
+        snap = future.result(timeout=30)
+    assert snap["thread_name"].startswith("eco-pool")
+    assert snap["app_name"] == app.name
+    assert snap["g_user"] == "erin"
+    assert snap["path"] == "/eco/subclass"
+    # A lambda is fine: thread-like executors pickle nothing.
+    assert executor.submit(lambda: current_app.name).result(timeout=30) == app.name
+    executor.shutdown(wait=True)
+    assert "app" in torn_down and "request" in torn_down
+
+
+@pytest.mark.timeout(60)
+def test_ecosystem_pluggable_other_executors_are_process_like(eco_make_executor):
+    app = eco_new_app()
+    executor = eco_make_executor(app, EXECUTOR_TYPE=f"{__name__}:EcoPicklingExecutor")
+    # A configured executor serializes as it chooses (Dask and loky can send a lambda), so
+    # its own error comes out of submit, and nothing is kept.
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError), match="(?i)pickl"):
+        executor.submit_stored("eco-unpicklable", lambda: 1)
+    assert "eco-unpicklable" not in executor.futures
+    with app.test_request_context("/eco/other"):
+        g.eco_user = "frank"
+        snap = executor.submit(eco_snapshot).result(timeout=30)
+    assert snap["thread_name"] == "eco-pickling"
+    # Process-like: g and the request do not travel with the task.
+    assert not snap["has_request"]
+    assert snap["g_user"] is None
+    assert executor.submit(eco_add, 1, 2).result(timeout=30) == 3
+
+
+@pytest.mark.timeout(120)
+def test_ecosystem_pluggable_process_pool_factory_gets_the_forked_app(eco_make_executor):
+    eco_factory_calls.clear()
+    app = eco_new_app()
+    executor = eco_make_executor(app, EXECUTOR_TYPE=eco_fork_pool_factory, EXECUTOR_MAX_WORKERS=1)
+    with app.test_request_context("/eco/forkpool"):
+        g.eco_user = "gina"
+        snap = executor.submit(eco_snapshot).result(timeout=60)
+    assert eco_factory_calls and all(call == {"max_workers": 1} for call in eco_factory_calls)
+    assert snap["pid"] != os.getpid()
+    assert snap["app_name"] == app.name
+    assert snap["x"] == app.config["ECO_X"]
+    assert not snap["has_request"]
+    assert snap["g_user"] is None
+    with pytest.raises(TypeError, match="(?i)pickl"):
+        executor.submit(lambda: 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Process pools with an app context
+
+
+@pytest.mark.timeout(120)
+def test_ecosystem_process_fork_reuses_the_parent_app(eco_make_executor):
+    app = eco_new_app()
+    app.config["ECO_X"] = f"set-at-runtime-{uuid.uuid4().hex}"
+    executor = eco_make_executor(
+        app, EXECUTOR_TYPE="process", EXECUTOR_MP_CONTEXT="fork", EXECUTOR_MAX_WORKERS=1
+    )
+    with app.test_request_context("/eco/fork"):
+        g.eco_user = "hank"
+        snap = executor.submit(eco_snapshot).result(timeout=60)
+    assert snap["pid"] != os.getpid()
+    assert snap["has_app"]
+    assert snap["app_name"] == app.name
+    assert snap["x"] == app.config["ECO_X"]
+    # g and the request do not travel to another process, not even through the fork.
+    assert snap["path"] is None
+    assert not snap["has_request"]
+    assert snap["g_user"] is None
+    # Nor does a later task see the request that was active when the worker was forked.
+    snap = executor.submit(eco_snapshot).result(timeout=60)
+    assert snap["pid"] != os.getpid()
+    assert snap["path"] is None
+
+
+@pytest.mark.timeout(120)
+def test_ecosystem_process_fork_without_pushed_contexts_runs_bare(eco_make_executor):
+    app = eco_new_app()
+    executor = eco_make_executor(
+        app,
+        EXECUTOR_TYPE="process",
+        EXECUTOR_MP_CONTEXT="fork",
+        EXECUTOR_MAX_WORKERS=1,
+        EXECUTOR_PUSH_APP_CONTEXT=False,
+    )
+    with app.test_request_context("/eco/bare"):
+        g.eco_user = "ivan"
+        snap = executor.submit(eco_snapshot).result(timeout=60)
+    assert snap["pid"] != os.getpid()
+    assert not snap["has_app"]
+    assert not snap["has_request"]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+@pytest.mark.parametrize(
+    ("process_app", "expected_x"),
+    [
+        (f"{ECO_WORKER_APP_MODULE}:app", "from-module-app"),
+        (f"{ECO_WORKER_APP_MODULE}:create_app()", "from-create-app"),
+    ],
+)
+def test_ecosystem_process_app_is_loaded_in_spawned_workers(
+    eco_make_executor, eco_worker_app, start_method, process_app, expected_x
+):
+    app = eco_worker_app.create_app()
+    executor = eco_make_executor(
+        app,
+        EXECUTOR_TYPE="process",
+        EXECUTOR_MP_CONTEXT=start_method,
+        EXECUTOR_MAX_WORKERS=1,
+        EXECUTOR_PROCESS_APP=process_app,
+    )
+    snaps = [executor.submit(eco_snapshot).result(timeout=60) for _ in range(3)]
+    for snap in snaps:
+        assert snap["pid"] != os.getpid()
+        assert snap["has_app"]
+        assert snap["app_name"] == app.name == "eco_worker_app"
+        assert snap["x"] == expected_x
+        assert snap["marker"] == "import-time"
+    if process_app.endswith("()"):
+        # The worker loads the app once, not once per task.
+        assert executor.submit(eco_worker_app_creations).result(timeout=60) == 1
+
+
+@pytest.mark.timeout(120)
+def test_ecosystem_process_spawn_without_process_app_runs_without_context(eco_make_executor):
+    executor = eco_make_executor(EXECUTOR_TYPE="process", EXECUTOR_MP_CONTEXT="spawn", EXECUTOR_MAX_WORKERS=1)
+    snap = executor.submit(eco_snapshot).result(timeout=60)
+    assert snap["pid"] != os.getpid()
+    assert not snap["has_app"]
+    assert executor.submit(eco_add, 2, 3).result(timeout=60) == 5
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_ecosystem_process_module_level_job(eco_job_executor_bound, start_method):
+    eco_job_executor_bound(EXECUTOR_TYPE="process", EXECUTOR_MP_CONTEXT=start_method, EXECUTOR_MAX_WORKERS=1)
+    assert eco_job_square(3) == (9, os.getpid())
+    value, pid = eco_job_square.submit(4).result(timeout=60)
+    assert value == 16
+    assert pid != os.getpid()
+    key = f"eco-square-{start_method}"
+    assert eco_job_square.submit_stored(key, 5).result(timeout=60)[0] == 25
+    assert eco_job_executor.futures.pop(key) is not None
+    assert [value for value, _ in eco_job_square.map([1, 2], timeout=60)] == [1, 4]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_ecosystem_process_unpicklable_callable_fails_at_submit(eco_make_executor, start_method):
+    executor = eco_make_executor(
+        EXECUTOR_TYPE="process", EXECUTOR_MP_CONTEXT=start_method, EXECUTOR_MAX_WORKERS=1
+    )
+
+    def eco_closure():
+        return executor
+
+    for task in (lambda: 1, eco_closure):
+        with pytest.raises(TypeError, match="(?i)pickl"):
+            executor.submit(task)
+    with pytest.raises(TypeError, match="(?i)pickl"):
+        executor.job(eco_closure).submit()
+    with pytest.raises(TypeError, match="(?i)pickl"):
+        executor.submit_stored("eco-unpicklable", eco_closure)
+    assert "eco-unpicklable" not in executor.futures.keys()  # noqa: SIM118 (`in futures` tests futures)
+    assert executor.submit(eco_add, 1, 2).result(timeout=60) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Process pool options
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
+def test_ecosystem_process_mp_context_is_used(eco_make_executor, monkeypatch, start_method):
+    token = uuid.uuid4().hex
+    monkeypatch.setitem(eco_parent_marker, "value", token)
+    executor = eco_make_executor(
+        EXECUTOR_TYPE="process", EXECUTOR_MP_CONTEXT=start_method, EXECUTOR_MAX_WORKERS=1
+    )
+    snap = executor.submit(eco_snapshot).result(timeout=60)
+    assert snap["pid"] != os.getpid()
+    forked = snap["marker"] == token  # a forked worker shares the parent's memory at fork time
+    child_of_this_process = snap["ppid"] == os.getpid()  # forkserver workers are the server's children
+    assert (forked, child_of_this_process) == {
+        "fork": (True, True),
+        "spawn": (False, True),
+        "forkserver": (False, False),
+    }[start_method]
+
+
+@pytest.mark.parametrize("mp_context", ["bogus", "thread", 3])
+def test_ecosystem_process_bad_mp_context_fails_at_init_app(mp_context):
+    app = eco_new_app(EXECUTOR_TYPE="process", EXECUTOR_MP_CONTEXT=mp_context)
+    with pytest.raises(ValueError, match="EXECUTOR_MP_CONTEXT"):
+        Executor(app)
+
+
+def test_ecosystem_process_max_tasks_per_child_refused_where_it_cannot_work():
+    with_fork = eco_new_app(
+        EXECUTOR_TYPE="process", EXECUTOR_MP_CONTEXT="fork", EXECUTOR_MAX_TASKS_PER_CHILD=1
+    )
+    with pytest.raises(ValueError, match="EXECUTOR_MAX_TASKS_PER_CHILD"):
+        Executor(with_fork)
+    for bad in (0, "none", -1):
+        with pytest.raises(ValueError, match="EXECUTOR_MAX_TASKS_PER_CHILD"):
+            Executor(eco_new_app(EXECUTOR_TYPE="process", EXECUTOR_MAX_TASKS_PER_CHILD=bad))
+    if sys.version_info < (3, 11):  # concurrent.futures has no max_tasks_per_child before 3.11
+        with pytest.raises(ValueError, match="EXECUTOR_MAX_TASKS_PER_CHILD"):
+            Executor(eco_new_app(EXECUTOR_TYPE="process", EXECUTOR_MAX_TASKS_PER_CHILD=1))
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="max_tasks_per_child needs Python 3.11")
+@pytest.mark.parametrize(("mp_context", "max_tasks"), [(None, 1), ("spawn", 1), ("forkserver", "1")])
+def test_ecosystem_process_max_tasks_per_child_replaces_workers(eco_make_executor, mp_context, max_tasks):
+    config = {"EXECUTOR_TYPE": "process", "EXECUTOR_MAX_WORKERS": 1}
+    if mp_context is not None:
+        config["EXECUTOR_MP_CONTEXT"] = mp_context
+    recycling = eco_make_executor(EXECUTOR_MAX_TASKS_PER_CHILD=max_tasks, **config)
+    first = recycling.submit(os.getpid).result(timeout=60)
+    second = recycling.submit(os.getpid).result(timeout=60)
+    assert os.getpid() not in (first, second)
+    assert first != second
+
+    # Control: without the option one worker runs both tasks.
+    keeping = eco_make_executor(**config)
+    first = keeping.submit(os.getpid).result(timeout=60)
+    assert keeping.submit(os.getpid).result(timeout=60) == first
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Types for users of the wheel
+
+
+@pytest.mark.timeout(900)
+def test_ecosystem_wheel_gives_users_types(tmp_path):
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "MYPYPATH")}
+
+    def run(*command):
+        done = subprocess.run(
+            [str(part) for part in command],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=600,
+        )
+        assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+        return done.stdout
+
+    # Built from a copy, so that the build leaves nothing in the checkout and no stale build/ is used.
+    source = tmp_path / "source"
+    shutil.copytree(
+        ECO_REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".nox", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"
+        ),
+    )
+    wheels = tmp_path / "wheels"
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", source, "-w", wheels)
+    (wheel,) = wheels.glob("flask_executor-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        assert "flask_executor.py" in names
+        assert "flask_executor-stubs/__init__.pyi" in names
+        stub = archive.read("flask_executor-stubs/__init__.pyi").decode()
+    assert "class Executor" in stub
+
+    venv_dir = tmp_path / "venv"
+    run(sys.executable, "-m", "venv", venv_dir)
+    python = venv_dir / "bin" / "python"
+    run(python, "-m", "pip", "install", wheel, "mypy")
+    output = run(sys.executable, ECO_REPO / "typing_check" / "check_types.py", "--python", python)
+    assert "user_code.py: clean" in output
+    assert "user_code_errors.py: the expected errors" in output
+
+
+# ---------------------------------------------------------------------------------------------
+# 3b. Dask distributed scale-out. The tests share one LocalCluster, which lives as long as this
+# class: no test forks a process while the cluster's threads are running.
+
+
+class TestEcosystemDask:
+    @pytest.mark.timeout(120)
+    def test_ecosystem_dask_submit_map_jobs_and_callbacks(
+        self, eco_make_executor, eco_dask_client, eco_job_executor_bound
+    ):
+        app = eco_new_app()
+        executor = eco_make_executor(app, EXECUTOR_TYPE=eco_dask_executor_factory)
+        called_back = threading.Event()
+        callback_app = []
+
+        def eco_remember(future):
+            callback_app.append(current_app.name)
+            called_back.set()
+
+        executor.add_default_done_callback(eco_remember)
+        future = executor.submit(eco_add, 40, 2)
+        assert isinstance(future, TaskFuture)
+        assert future.result(timeout=60) == 42
+        assert called_back.wait(30)
+        assert callback_app[0] == app.name
+        assert executor.submit(eco_snapshot).result(timeout=60)["pid"] != os.getpid()
+        assert list(executor.map(eco_add, [1, 2, 3], [10, 20, 30], timeout=60)) == [11, 22, 33]
+        assert executor.submit_stored("eco-dask", eco_async_add, 1, 2).result(timeout=60) == 3
+
+        eco_job_executor_bound(EXECUTOR_TYPE=eco_dask_executor_factory)
+        assert eco_job_square.submit(6).result(timeout=60)[0] == 36
+
+    @pytest.mark.timeout(120)
+    def test_ecosystem_dask_import_string_factory(self, eco_make_executor, eco_dask_client):
+        executor = eco_make_executor(EXECUTOR_TYPE=f"{__name__}:eco_dask_executor_factory")
+        assert executor.submit(eco_add, 1, 1).result(timeout=60) == 2
+
+    @pytest.mark.timeout(120)
+    def test_ecosystem_dask_each_submit_runs_the_task(self, eco_make_executor, eco_dask_client):
+        executor = eco_make_executor(EXECUTOR_TYPE=eco_dask_executor_factory)
+        first = executor.submit(eco_new_uuid).result(timeout=60)
+        second = executor.submit(eco_new_uuid).result(timeout=60)
+        assert first != second
+
+    @pytest.mark.timeout(120)
+    def test_ecosystem_dask_task_keyword_arguments_reach_the_task(self, eco_make_executor, eco_dask_client):
+        executor = eco_make_executor(EXECUTOR_TYPE=eco_dask_executor_factory)
+        kwargs = {"key": "eco-user-key", "priority": 7, "retries": 2, "pure": "no"}
+        assert executor.submit(eco_echo_kwargs, **kwargs).result(timeout=60) == kwargs
+
+    @pytest.mark.timeout(120)
+    def test_ecosystem_dask_worker_app_context(self, eco_make_executor, eco_dask_client, eco_worker_app):
+        executor = eco_make_executor(
+            EXECUTOR_TYPE=eco_dask_executor_factory, EXECUTOR_PROCESS_APP=f"{ECO_WORKER_APP_MODULE}:app"
+        )
+        snap = executor.submit(eco_snapshot).result(timeout=60)
+        assert snap["has_app"]
+        assert snap["app_name"] == "eco_worker_app"
+        assert snap["x"] == "from-module-app"
+
+        bare = eco_make_executor(EXECUTOR_TYPE=eco_dask_executor_factory)
+        snap = bare.submit(eco_snapshot).result(timeout=60)
+        assert not snap["has_app"]
+
+    @pytest.mark.timeout(120)
+    def test_ecosystem_dask_shutdown_and_init_app_again(self, eco_dask_client):
+        app = eco_new_app(EXECUTOR_TYPE=eco_dask_executor_factory)
+        executor = Executor(app)
+        assert executor.submit(eco_add, 1, 2).result(timeout=60) == 3
+        executor.shutdown(wait=True)
+        with pytest.raises(RuntimeError):
+            executor.submit(eco_add, 1, 2)
+        executor.init_app(app)
+        assert executor.submit(eco_add, 2, 2).result(timeout=60) == 4
+        executor.shutdown(wait=False, cancel_futures=True)
+        with pytest.raises(RuntimeError):
+            executor.submit(eco_add, 1, 2)
+
+    @pytest.mark.timeout(120)
+    def test_ecosystem_dask_accepted_tasks_still_run_after_rebind_or_shutdown_without_wait(
+        self, eco_dask_client
+    ):
+        # As with the stdlib pools: a new init_app and shutdown(wait=False) stop new tasks, and every
+        # task already accepted still runs (only cancel_futures=True cancels waiting ones).
+        app = eco_new_app(EXECUTOR_TYPE=eco_dask_executor_factory)
+        executor = Executor(app)
+        before_rebind = executor.submit(eco_nap_then_return, "survived rebind")
+        executor.init_app(eco_new_app(EXECUTOR_TYPE=eco_dask_executor_factory))
+        assert before_rebind.result(timeout=60) == "survived rebind"
+
+        before_shutdown = executor.submit(eco_nap_then_return, "survived shutdown")
+        executor.shutdown(wait=False)
+        assert before_shutdown.result(timeout=60) == "survived shutdown"
+
+    @pytest.mark.timeout(120)
+    def test_ecosystem_dask_rebind_to_a_thread_pool_and_back(self, eco_dask_client):
+        executor = Executor(eco_new_app(EXECUTOR_TYPE=eco_dask_executor_factory))
+        on_dask = executor.submit(eco_nap_then_return, "dask")
+        thread_app = eco_new_app(EXECUTOR_TYPE="thread")
+        executor.init_app(thread_app)
+        assert on_dask.result(timeout=60) == "dask"
+        assert executor.submit(eco_snapshot).result(timeout=30)["app_name"] == thread_app.name
+
+        on_threads = executor.submit(eco_nap_then_return, "thread")
+        executor.init_app(eco_new_app(EXECUTOR_TYPE=eco_dask_executor_factory))
+        assert on_threads.result(timeout=60) == "thread"
+        assert executor.submit(eco_add, 1, 2).result(timeout=60) == 3
+        executor.shutdown(wait=True)
