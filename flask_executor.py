@@ -647,8 +647,12 @@ class FutureCollection:
 
         return by_key
 
-    def __contains__(self, future: object) -> bool:
-        return future in self._key_counts
+    def __contains__(self, future_or_key: object) -> bool:
+        """True for a stored future (as in 1.0) and for a key in use."""
+        try:
+            return future_or_key in self._key_counts or future_or_key in self._futures
+        except TypeError:  # not hashable: neither a future nor a key
+            return False
 
     def __len__(self) -> int:
         return len(self._futures)

@@ -1045,8 +1045,12 @@ def test_future_collection_pop_add_duplicate_and_membership():
     assert collection.result("key") == "first"
     assert first in collection
     assert other not in collection
+    assert "key" in collection  # a key in use counts too
+    assert "other-key" not in collection
+    assert ["unhashable"] not in collection
     assert collection.pop("key") is first
     assert first not in collection
+    assert "key" not in collection
     assert len(collection) == 0
     assert collection.pop("key") is None
     collection.add("key", other)  # the key is free again
@@ -1836,7 +1840,7 @@ def test_ecosystem_sync_stored_futures_jobs_map_and_default_callbacks(eco_make_e
     future = executor.submit_stored("eco-sum", eco_add, 1, 2)
     assert future.done()
     assert seen == [(3, app.name)]
-    assert "eco-sum" in executor.futures.keys()  # noqa: SIM118 (`in futures` tests futures)
+    assert "eco-sum" in executor.futures
     assert executor.futures.done("eco-sum") is True
     assert executor.futures.result("eco-sum") == 3
     with pytest.raises(ValueError):
@@ -2043,7 +2047,7 @@ def test_ecosystem_pluggable_other_executors_are_process_like(eco_make_executor)
     # its own error comes out of submit, and nothing is kept.
     with pytest.raises((pickle.PicklingError, AttributeError, TypeError), match="(?i)pickl"):
         executor.submit_stored("eco-unpicklable", lambda: 1)
-    assert "eco-unpicklable" not in executor.futures.keys()  # noqa: SIM118 (`in futures` tests futures)
+    assert "eco-unpicklable" not in executor.futures
     with app.test_request_context("/eco/other"):
         g.eco_user = "frank"
         snap = executor.submit(eco_snapshot).result(timeout=30)
@@ -2190,7 +2194,7 @@ def test_ecosystem_process_unpicklable_callable_fails_at_submit(eco_make_executo
         executor.job(eco_closure).submit()
     with pytest.raises(TypeError, match="(?i)pickl"):
         executor.submit_stored("eco-unpicklable", eco_closure)
-    assert "eco-unpicklable" not in executor.futures.keys()  # noqa: SIM118 (`in futures` tests futures)
+    assert "eco-unpicklable" not in executor.futures
     assert executor.submit(eco_add, 1, 2).result(timeout=60) == 3
 
 

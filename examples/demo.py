@@ -198,7 +198,7 @@ def new_key(prefix):
 def find_executor(key):
     for name, ex in EXECUTORS.items():
         # `x in futures` looks for a future object; keys() holds the keys.
-        if key in ex.futures.keys():  # noqa: SIM118
+        if key in ex.futures:
             return name, ex
     return None, None
 
