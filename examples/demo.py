@@ -197,7 +197,7 @@ def new_key(prefix):
 
 def find_executor(key):
     for name, ex in EXECUTORS.items():
-        # `x in futures` looks for a future object; keys() holds the keys.
+        # `in` is true for a key in use (and for a stored future).
         if key in ex.futures:
             return name, ex
     return None, None
