@@ -73,7 +73,7 @@ EXECUTORS = {"default": executor, "long": long_executor, "cpu": cpu_executor}
 
 
 def utcnow():
-    return datetime.now(timezone.utc)  # noqa: UP017 - datetime.UTC needs Python 3.11
+    return datetime.now(timezone.utc)
 
 
 class User(db.Model):
@@ -160,8 +160,7 @@ def send_confirmation(user_id):
     msg["To"] = user.email
     msg["Subject"] = "Welcome to the Flask-Executor demo"
     msg.set_content(
-        f"Hello {user.name},\n\nthanks for signing up! This mail was sent from a "
-        "background task.\n"
+        f"Hello {user.name},\n\nthanks for signing up! This mail was sent from a background task.\n"
     )
     with smtplib.SMTP(cfg["MAIL_SERVER"], int(cfg["MAIL_PORT"]), timeout=10) as smtp:
         smtp.send_message(msg)

@@ -37,7 +37,7 @@ def csv_stats(text):
         raise ValueError("the CSV file is empty")
     header = [name.strip() or f"column {i + 1}" for i, name in enumerate(header)]
     values = {name: [] for name in header}
-    numeric = {name: True for name in header}
+    numeric = dict.fromkeys(header, True)
     rows = 0
     for row in reader:
         if not any(cell.strip() for cell in row):

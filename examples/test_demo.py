@@ -134,9 +134,7 @@ class DemoServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"demo server exited with {self.proc.returncode}:\n{self.tail()}"
-                )
+                raise RuntimeError(f"demo server exited with {self.proc.returncode}:\n{self.tail()}")
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=2) as resp:
                     if resp.status == 200:
@@ -177,9 +175,7 @@ def browser(request):
         if reporter is not None and capture is not None:
             with capture.global_and_fixture_disabled():
                 reporter.write_line("")
-                reporter.write_line(
-                    f"SKIPPING the browser tests of the demo: {reason}", yellow=True
-                )
+                reporter.write_line(f"SKIPPING the browser tests of the demo: {reason}", yellow=True)
         pytest.skip(f"no browser: {reason}")
     with sync_playwright() as pw:
         browser = pw.chromium.launch(
@@ -205,9 +201,7 @@ def server(browser, tmp_path_factory):
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(
-        viewport={"width": 1000, "height": 700}, base_url=server.url
-    )
+    context = browser.new_context(viewport={"width": 1000, "height": 700}, base_url=server.url)
     context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     errors = []
@@ -263,9 +257,7 @@ def test_signup_sends_mail_and_marks_user(page, tmp_path):
     page.goto("/mails")
     mail_row = page.locator("#mails tbody tr", has_text=address)
     expect(mail_row).to_have_count(1)
-    expect(mail_row.locator("td.subject")).to_have_text(
-        "Welcome to the Flask-Executor demo"
-    )
+    expect(mail_row.locator("td.subject")).to_have_text("Welcome to the Flask-Executor demo")
     expect(mail_row).to_contain_text("Hello Grace Hopper")
     page.screenshot(path=str(tmp_path / "mails.png"))
     mails = [m for m in page.request.get("/api/mails").json() if address in m["to"]]
@@ -273,9 +265,7 @@ def test_signup_sends_mail_and_marks_user(page, tmp_path):
 
     # the stored future of the mail task finished with the task's return value
     status = page.request.get("/api/tasks").json()
-    mail_tasks = [
-        t for t in status if t["executor"] == "default" and t["state"] == "finished"
-    ]
+    mail_tasks = [t for t in status if t["executor"] == "default" and t["state"] == "finished"]
     assert mail_tasks, status
 
 
@@ -295,13 +285,9 @@ def test_csv_statistics_on_process_pool(page, server, tmp_path):
     page.wait_for_url("**/csv/csv-*")
     expect(page.locator("#state")).to_have_text("finished")
     for column, cells in CSV_EXPECTED.items():
-        expect(page.locator(f'#stats tr[data-column="{column}"] td')).to_have_text(
-            cells
-        )
+        expect(page.locator(f'#stats tr[data-column="{column}"] td')).to_have_text(cells)
     expect(page.locator("#stats tbody tr")).to_have_count(2)
-    expect(page.locator("#summary")).to_contain_text(
-        "4 rows, 2 numeric columns (not numeric: city)"
-    )
+    expect(page.locator("#summary")).to_contain_text("4 rows, 2 numeric columns (not numeric: city)")
     page.screenshot(path=str(tmp_path / "csv.png"))
 
     key = page.url.rsplit("/csv/", 1)[1].split("?")[0]
@@ -335,17 +321,13 @@ def test_long_task_progress_bar(page, tmp_path):
             seen.append(int(percent))
         if state in ("finished", "failed", "cancelled", "unknown"):
             break
-        assert time.monotonic() < deadline, (
-            f"task still {state} after 60s; progress seen: {seen}"
-        )
+        assert time.monotonic() < deadline, f"task still {state} after 60s; progress seen: {seen}"
         time.sleep(0.05)
 
     assert states[-1] == "finished", (states, seen)
     assert "running" in states, states
     intermediate = [p for p in seen if 0 < p < 100]
-    assert len(intermediate) >= 3, (
-        f"expected several intermediate progress values, saw {seen}"
-    )
+    assert len(intermediate) >= 3, f"expected several intermediate progress values, saw {seen}"
     assert seen == sorted(seen), f"progress went backwards: {seen}"
     assert seen[-1] == 100
     expect(row.locator(".pct")).to_have_text("100%")
@@ -367,10 +349,7 @@ def test_cancel_waiting_task(page, tmp_path):
     second = start_long_task(page, limit=100_000, steps=10, delay=0.25)
     # ...so the third waits for a worker and can still be cancelled.
     third = start_long_task(page, limit=100_000, steps=10, delay=0.25)
-    rows = {
-        key: page.locator(f'#tasks tr[data-key="{key}"]')
-        for key in (first, second, third)
-    }
+    rows = {key: page.locator(f'#tasks tr[data-key="{key}"]') for key in (first, second, third)}
 
     expect(rows[third].locator(".state")).to_have_text("pending")
     expect(rows[third].locator("button.cancel")).to_be_enabled()
@@ -398,25 +377,17 @@ def test_cancel_waiting_task(page, tmp_path):
     page.screenshot(path=str(tmp_path / "cancel.png"))
 
     page.goto("/status")
-    expect(page.locator(f'#status tr[data-key="{third}"] td.state')).to_have_text(
-        "cancelled"
-    )
+    expect(page.locator(f'#status tr[data-key="{third}"] td.state')).to_have_text("cancelled")
     for key in (first, second):
-        expect(page.locator(f'#status tr[data-key="{key}"] td.state')).to_have_text(
-            "finished"
-        )
+        expect(page.locator(f'#status tr[data-key="{key}"] td.state')).to_have_text("finished")
     page.screenshot(path=str(tmp_path / "status.png"))
 
 
 def test_status_page_lists_stored_tasks(page, tmp_path):
-    response = page.request.post(
-        "/api/long", data={"limit": 1000, "steps": 2, "delay": 0}
-    )
+    response = page.request.post("/api/long", data={"limit": 1000, "steps": 2, "delay": 0})
     assert response.status == 202, response.text()
     key = response.json()["key"]
-    wait_until(
-        lambda: task_json(page, key)["state"] == "finished", 30, what=f"{key} to finish"
-    )
+    wait_until(lambda: task_json(page, key)["state"] == "finished", 30, what=f"{key} to finish")
     page.goto("/status")
     row = page.locator(f'#status tr[data-key="{key}"]')
     expect(row.locator("td").first).to_have_text("long")
@@ -424,9 +395,7 @@ def test_status_page_lists_stored_tasks(page, tmp_path):
     expect(row).to_contain_text("2/2")
     keys = {t["key"] for t in page.request.get("/api/tasks").json()}
     rendered = set(
-        page.locator("#status tbody tr[data-key]").evaluate_all(
-            "rows => rows.map(r => r.dataset.key)"
-        )
+        page.locator("#status tbody tr[data-key]").evaluate_all("rows => rows.map(r => r.dataset.key)")
     )
     assert key in rendered and rendered <= keys | {key}
     page.screenshot(path=str(tmp_path / "status.png"))
@@ -488,21 +457,14 @@ def test_api_signup_mails_in_background(client):
     assert response.status_code == 302
 
     def mailed():
-        return [
-            u
-            for u in client.get("/api/users").get_json()
-            if u["email"] == address and u["mailed"]
-        ]
+        return [u for u in client.get("/api/users").get_json() if u["email"] == address and u["mailed"]]
 
     wait_until(mailed, 20, what="the user to be marked mailed")
     mails = [m for m in client.get("/api/mails").get_json() if address in m["to"]]
     assert len(mails) == 1 and "Hello Ada" in mails[0]["body"]
     # a second sign-up with the same address is refused, no second mail
     client.post("/signup", data={"name": "Ada", "email": address})
-    assert (
-        len([u for u in client.get("/api/users").get_json() if u["email"] == address])
-        == 1
-    )
+    assert len([u for u in client.get("/api/users").get_json() if u["email"] == address]) == 1
 
 
 def test_api_csv_stats(client):
@@ -539,16 +501,11 @@ def test_api_csv_bad_input_fails_cleanly(client):
 
 def test_api_long_progress_and_cancel(client):
     keys = [
-        client.post(
-            "/api/long", json={"limit": 50_000, "steps": 8, "delay": 0.2}
-        ).get_json()["key"]
+        client.post("/api/long", json={"limit": 50_000, "steps": 8, "delay": 0.2}).get_json()["key"]
         for _ in range(3)
     ]
     wait_until(
-        lambda: all(
-            client.get(f"/api/tasks/{k}").get_json()["state"] == "running"
-            for k in keys[:2]
-        ),
+        lambda: all(client.get(f"/api/tasks/{k}").get_json()["state"] == "running" for k in keys[:2]),
         10,
         what="two running tasks",
     )
