@@ -115,8 +115,9 @@ class Executor(concurrent.futures.Executor):
 
     def init_app(self, app: flask.Flask) -> None:
         """Reads this executor's configuration from ``app.config`` and binds the
-        executor to ``app``. The pool itself is made on the first submit, in each
-        process, so that an app loaded before a server forks works in every worker.
+        executor to ``app``. A thread or process pool is made on the first submit, in
+        each process, so that an app loaded before a server forks works in every
+        worker. (A configured executor is made here, to check it.)
 
         Binding to another app later (an app factory in tests, say) rebinds it:
         tasks submitted from then on use the new app and its configuration.
@@ -152,8 +153,8 @@ class Executor(concurrent.futures.Executor):
     def submit(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> TaskFuture[Any]:
         """Schedules ``fn(*args, **kwargs)`` and returns its :class:`TaskFuture`.
 
-        ``fn`` may be an ``async def`` function: the future then holds the value it
-        awaits to. ::
+        ``fn`` may be an ``async def`` function: the future then holds what the
+        coroutine returns. ::
 
             future = executor.submit(send_email, user.id, template="welcome")
 
