@@ -1699,22 +1699,13 @@ def eco_new_app(**config):
 
 
 @pytest.fixture
-def eco_make_executor():
-    """Makes executors bound to an app with the given config; shuts them all down afterwards."""
-    made = []
+def eco_make_executor(make_executor):
+    """make_executor, with the app first and a fresh one (eco_new_app) by default."""
 
     def make(app=None, name="", **config):
-        app = app if app is not None else eco_new_app()
-        prefix = f"{name.upper()}_" if name else ""
-        for key, value in config.items():
-            app.config[prefix + key] = value
-        executor = Executor(app, name=name)
-        made.append(executor)
-        return executor
+        return make_executor(name, target_app=app if app is not None else eco_new_app(), **config)
 
-    yield make
-    for executor in made:
-        executor.shutdown(wait=True)
+    return make
 
 
 @pytest.fixture
