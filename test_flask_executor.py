@@ -10,21 +10,30 @@ their test clients, request contexts and CLI runner. No timing assertions: tests
 
 import asyncio
 import concurrent.futures
+import gc
+import http.client
+import http.cookies
 import importlib
 import io
+import json
 import logging
 import multiprocessing
 import os
 import pathlib
 import pickle
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import traceback
 import uuid
 import warnings
 import zipfile
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import click
@@ -35,13 +44,15 @@ from flask import (
     g,
     has_app_context,
     has_request_context,
+    jsonify,
     request,
     session,
     url_for,
 )
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 import flask_executor
-from flask_executor import Executor, FutureCollection, TaskFuture
+from flask_executor import Executor, FutureCollection, QueueFull, TaskFuture
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -2408,3 +2419,1260 @@ class TestEcosystemDask:
         assert on_threads.result(timeout=60) == "thread"
         assert executor.submit(eco_add, 1, 2).result(timeout=60) == 3
         executor.shutdown(wait=True)
+
+
+# ================================================================================================
+# Reliability (issue 3): forks, dead workers, floods, shutdown, bad config, isolation under load
+# ================================================================================================
+
+
+# Reliability tests for Flask-Executor (tracker issue 3).
+#
+# Everything here uses real parts: real ``os.fork``, a real gunicorn with
+# ``--preload``, real process pools whose workers really die, and a real
+# threaded werkzeug server.  Network traffic only goes to 127.0.0.1 on a free
+# port; every loop is bounded in count and time, and every test carries a
+# ``pytest-timeout`` mark.
+#
+# Module-level helpers and fixtures are prefixed ``rel_`` (constants ``REL_``)
+# so the file can be appended to ``test_flask_executor.py``.
+
+# ``os.fork`` in a process that already runs threads (pytest + pool threads)
+# makes Python 3.12+ emit a DeprecationWarning; forking is exactly what these
+# tests are about, so the warning is noise here.
+REL_FORK_WARNING = "ignore:.*use of fork\\(\\) may lead to deadlocks:DeprecationWarning"
+
+REL_MODULE_DIR = os.path.dirname(os.path.abspath(flask_executor.__file__))
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def rel_make_app(tag, **config):
+    """A Flask app with its own logger name (``app.name``) so that log
+    records of one test can never be confused with another test's."""
+    app = Flask(f"rel_{tag}_{uuid.uuid4().hex[:8]}", root_path=REL_MODULE_DIR)
+    app.config.update(config)
+    return app
+
+
+@pytest.fixture
+def rel_executors():
+    """Factory of executors; every executor made is shut down (without
+    waiting) at teardown so a failing test cannot leave work behind."""
+    made = []
+
+    def make(app, name=""):
+        executor = Executor(app, name=name)
+        made.append(executor)
+        return executor
+
+    yield make
+    for executor in made:
+        try:
+            executor.shutdown(wait=False, cancel_futures=True)
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def rel_gates():
+    """Factory of threading.Events used to block tasks; all are set at
+    teardown so no pool thread stays blocked after the test."""
+    gates = []
+
+    def make():
+        gate = threading.Event()
+        gates.append(gate)
+        return gate
+
+    yield make
+    for gate in gates:
+        gate.set()
+
+
+@pytest.fixture
+def rel_fast_switching():
+    """Switch threads far more often than usual so that races in
+    check-then-act code have a real chance to show up."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(previous)
+
+
+def rel_wait_until(predicate, timeout=10.0, interval=0.01):
+    """Poll ``predicate`` until it is true or ``timeout`` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def rel_record_text(record):
+    """Message of a log record plus its formatted traceback, if any."""
+    text = record.getMessage()
+    if record.exc_info:
+        text += "\n" + "".join(traceback.format_exception(*record.exc_info))
+    return text
+
+
+def rel_app_records(caplog, app, level):
+    return [r for r in caplog.records if r.name == app.name and r.levelno == level]
+
+
+def rel_rss_kb():
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("VmRSS not found in /proc/self/status")
+
+
+def rel_free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rel_wait_for_port(port, proc=None, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+def rel_http_get(port, path, headers=None, timeout=20.0):
+    """One GET on a fresh connection. Returns (status, headers, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        resp = conn.getresponse()
+        body = resp.read()
+        return resp.status, resp.getheaders(), body
+    finally:
+        conn.close()
+
+
+def rel_run_in_fork(child_fn, timeout=30.0):
+    """Fork; the child runs ``child_fn()`` (which returns a message string)
+    and always leaves with ``os._exit``.  Returns (exit code, message); the
+    exit code is None when the child had to be killed after ``timeout``."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 70
+        message = "child produced no message"
+        try:
+            os.close(read_fd)
+            message = child_fn()
+            code = 0
+        except BaseException as exc:  # report everything to the parent
+            message = "child failed:\n" + "".join(traceback.format_exception(exc))
+            code = 1
+        finally:
+            try:
+                # stay below the pipe buffer: the parent reads after exit
+                os.write(write_fd, str(message).encode()[:60000])
+            finally:
+                os._exit(code)
+    os.close(write_fd)
+    status = None
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            waited, st = os.waitpid(pid, os.WNOHANG)
+            if waited:
+                status = st
+                break
+            time.sleep(0.05)
+        if status is None:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None, f"child did not finish within {timeout} s (killed)"
+        chunks = []
+        while True:
+            chunk = os.read(read_fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return os.waitstatus_to_exitcode(status), b"".join(chunks).decode(errors="replace")
+    finally:
+        os.close(read_fd)
+
+
+# Task functions.  Module level so that process pools can pickle them by
+# reference.
+
+
+def rel_task_pid_double(x):
+    return os.getpid(), x * 2
+
+
+def rel_task_sleep_return(value, delay):
+    time.sleep(delay)
+    return value
+
+
+def rel_task_kill_self():
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(30)  # not reached
+
+
+def rel_task_exit_hard():
+    os._exit(1)
+
+
+def rel_task_identity(value):
+    return value
+
+
+# --------------------------------------------------------------------------
+# 1. fork safety
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings(REL_FORK_WARNING)
+def test_reliability_fork_child_thread_pool_first_submit_works(rel_executors):
+    app = rel_make_app("fork_thread", EXECUTOR_MAX_WORKERS=2)
+    executor = rel_executors(app)
+    # warm-up in the parent: both pool threads exist before the fork (the two
+    # tasks can only pass the barrier when they run at the same time)
+    meeting = threading.Barrier(2)
+    warm = [executor.submit(meeting.wait, 10) for _ in range(2)]
+    assert sorted(f.result(timeout=20) for f in warm) == [0, 1]
+    assert executor.submit(rel_task_pid_double, 2).result(timeout=10) == (os.getpid(), 4)
+
+    def child():
+        me = os.getpid()
+        # the lone first task in the child must run (in the child)
+        result = executor.submit(rel_task_pid_double, 21).result(timeout=5)
+        assert result == (me, 42), result
+        futures = [executor.submit(rel_task_pid_double, i) for i in range(20)]
+        results = [f.result(timeout=10) for f in futures]
+        assert results == [(me, 2 * i) for i in range(20)], results
+        return "ok"
+
+    code, message = rel_run_in_fork(child)
+    assert code == 0, message
+    assert message == "ok"
+    # the parent's pool is unaffected by the child
+    assert executor.submit(rel_task_pid_double, 5).result(timeout=10) == (os.getpid(), 10)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings(REL_FORK_WARNING)
+def test_reliability_fork_child_process_pool_first_submit_works(rel_executors):
+    app = rel_make_app(
+        "fork_process", EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2, EXECUTOR_MP_CONTEXT="fork"
+    )
+    executor = rel_executors(app)
+    pid, value = executor.submit(rel_task_pid_double, 1).result(timeout=30)
+    assert value == 2 and pid != os.getpid()
+
+    def child():
+        me = os.getpid()
+        try:
+            worker_pid, value = executor.submit(rel_task_pid_double, 21).result(timeout=10)
+            assert value == 42 and worker_pid != me, (worker_pid, value)
+            results = [
+                f.result(timeout=20) for f in [executor.submit(rel_task_pid_double, i) for i in range(10)]
+            ]
+            assert [v for _, v in results] == [2 * i for i in range(10)], results
+        finally:
+            # do not leave the child's own worker processes behind
+            stopper = threading.Thread(target=executor.shutdown, daemon=True)
+            stopper.start()
+            stopper.join(10)
+        return "ok"
+
+    code, message = rel_run_in_fork(child, timeout=60)
+    assert code == 0, message
+    assert message == "ok"
+    assert executor.submit(rel_task_pid_double, 5).result(timeout=30)[1] == 10
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings(REL_FORK_WARNING)
+def test_reliability_fork_while_parent_pool_busy_and_queue_full(rel_executors, rel_gates):
+    """Fork while the parent's workers are busy and its queue is full: the
+    child starts from an empty pool and an empty queue, so its first submit
+    is accepted and runs."""
+    app = rel_make_app("fork_busy", EXECUTOR_MAX_WORKERS=2, EXECUTOR_QUEUE_SIZE=1)
+    executor = rel_executors(app)
+    gate = rel_gates()
+    started = []
+
+    def blocker(tag):
+        started.append(tag)
+        gate.wait(60)
+        return tag
+
+    futures = [executor.submit(blocker, i) for i in range(2)]
+    assert rel_wait_until(lambda: len(started) == 2)
+    futures.append(executor.submit(blocker, 2))
+    with pytest.raises(QueueFull):
+        executor.submit(rel_task_identity, "parent-full")
+
+    def child():
+        me = os.getpid()
+        assert executor.submit(rel_task_pid_double, 21).result(timeout=5) == (me, 42)
+        return "ok"
+
+    code, message = rel_run_in_fork(child)
+    assert code == 0, message
+    assert message == "ok"
+    gate.set()
+    assert [f.result(timeout=30) for f in futures] == [0, 1, 2]
+    assert executor.submit(rel_task_identity, "parent").result(timeout=30) == "parent"
+
+
+REL_GUNICORN_APP = """
+import os
+import threading
+
+from flask import Flask, jsonify, request
+
+from flask_executor import Executor
+
+app = Flask(__name__)
+app.config["EXECUTOR_MAX_WORKERS"] = 2
+executor = Executor(app)
+
+
+def task(token):
+    return {"pid": os.getpid(), "token": token}
+
+
+# warm-up at import time, i.e. in the gunicorn master before it forks: both pool
+# threads exist (the two tasks can only pass the barrier when they run together)
+meeting = threading.Barrier(2)
+warm = [executor.submit(meeting.wait, 10) for _ in range(2)]
+assert sorted(f.result(timeout=20) for f in warm) == [0, 1]
+assert executor.submit(task, "warm-up").result(timeout=10) == {"pid": os.getpid(), "token": "warm-up"}
+
+
+@app.route("/")
+def index():
+    token = request.args.get("token", "")
+    return jsonify(executor.submit(task, token).result(timeout=10))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_reliability_gunicorn_preload_workers_answer(tmp_path):
+    # gunicorn is a test-only dependency (pip install gunicorn)
+    (tmp_path / "rel_gunicorn_app.py").write_text(REL_GUNICORN_APP)
+    port = rel_free_port()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(tmp_path), REL_MODULE_DIR] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    log_path = tmp_path / "gunicorn.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--preload",
+                "-w",
+                "2",
+                "--threads",
+                "4",
+                "-b",
+                f"127.0.0.1:{port}",
+                "--graceful-timeout",
+                "5",
+                "--timeout",
+                "60",
+                "--chdir",
+                str(tmp_path),
+                "rel_gunicorn_app:app",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(tmp_path),
+        )
+    try:
+        assert rel_wait_for_port(port, proc, timeout=30), "gunicorn did not start:\n" + log_path.read_text()
+
+        # lone requests, one after another, until both workers have answered
+        worker_pids = set()
+        for i in range(200):
+            token = f"lone-{i}"
+            status, _, body = rel_http_get(port, f"/?token={token}", timeout=20)
+            assert status == 200, (status, body, log_path.read_text())
+            data = json.loads(body)
+            assert data["token"] == token
+            worker_pids.add(data["pid"])
+            if len(worker_pids) == 2:
+                break
+        assert len(worker_pids) == 2, (worker_pids, log_path.read_text())
+        assert proc.pid not in worker_pids  # tasks ran in the workers, not the master
+
+        # a burst of concurrent requests, each answered with its own token
+        tokens = [uuid.uuid4().hex for _ in range(40)]
+
+        def fetch(token):
+            status, _, body = rel_http_get(port, f"/?token={token}", timeout=30)
+            return status, body
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=40) as clients:
+            answers = list(clients.map(fetch, tokens, timeout=90))
+        for token, (status, body) in zip(tokens, answers):
+            assert status == 200, (status, body)
+            data = json.loads(body)
+            assert data["token"] == token
+            assert data["pid"] in worker_pids
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+
+
+# --------------------------------------------------------------------------
+# 2. dead process workers
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings(REL_FORK_WARNING)
+@pytest.mark.parametrize("killer", [rel_task_kill_self, rel_task_exit_hard], ids=["sigkill", "os_exit"])
+def test_reliability_dead_process_worker(rel_executors, caplog, killer):
+    caplog.set_level(logging.DEBUG)
+    app = rel_make_app(
+        "dead_worker", EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=3, EXECUTOR_MP_CONTEXT="fork"
+    )
+    executor = rel_executors(app)
+    assert executor.submit(rel_task_identity, "warm").result(timeout=30) == "warm"
+
+    in_flight = [executor.submit(rel_task_sleep_return, i, 20) for i in range(2)]
+    doomed = executor.submit(killer)
+    queued = [executor.submit(rel_task_sleep_return, i, 20) for i in range(2, 4)]
+
+    named = {
+        "doomed": doomed,
+        "in_flight_0": in_flight[0],
+        "in_flight_1": in_flight[1],
+        "queued_0": queued[0],
+        "queued_1": queued[1],
+    }
+    _, not_done = concurrent.futures.wait(list(named.values()), timeout=60)
+    assert not not_done, "futures of the broken pool never finished: " + repr(
+        sorted(name for name, f in named.items() if f in not_done)
+    )
+    for name, future in named.items():
+        assert isinstance(future.exception(timeout=0), BrokenProcessPool), (name, future.exception())
+
+    # the next submit builds a new pool and works
+    assert executor.submit(rel_task_identity, "after").result(timeout=60) == "after"
+    assert executor.submit(rel_task_pid_double, 4).result(timeout=60)[1] == 8
+
+    assert rel_wait_until(lambda: rel_app_records(caplog, app, logging.WARNING), timeout=10), (
+        "no WARNING on app.logger about the broken pool; records: "
+        + repr([(r.name, r.levelname, r.getMessage()) for r in caplog.records])
+    )
+
+
+# --------------------------------------------------------------------------
+# 3. backpressure
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("queue_size", [0, 3])
+def test_reliability_queue_bound_running_plus_waiting(rel_executors, rel_gates, queue_size):
+    app = rel_make_app("queue_bound", EXECUTOR_MAX_WORKERS=2, EXECUTOR_QUEUE_SIZE=queue_size)
+    executor = rel_executors(app)
+    gate = rel_gates()
+    started, ran = [], []
+
+    def blocker(tag):
+        started.append(tag)
+        gate.wait(60)
+        ran.append(tag)
+        return tag
+
+    running = [executor.submit(blocker, i) for i in range(2)]
+    assert rel_wait_until(lambda: len(started) == 2), started
+    waiting = [executor.submit(blocker, i) for i in range(2, 2 + queue_size)]
+
+    with pytest.raises(QueueFull):
+        executor.submit(blocker, "rejected")
+    with pytest.raises(QueueFull):
+        executor.submit_stored("rel-rejected", blocker, "rejected-stored")
+    assert "rel-rejected" not in list(executor.futures.keys())
+    assert sorted(started) == [0, 1]  # the waiting ones are really waiting
+
+    gate.set()
+    results = [f.result(timeout=30) for f in running + waiting]
+    assert results == list(range(2 + queue_size))
+    # rejected tasks never ran, and the executor accepts work again
+    assert executor.submit(rel_task_identity, "again").result(timeout=30) == "again"
+    assert executor.submit_stored("rel-rejected", rel_task_identity, 7).result(timeout=30) == 7
+    assert sorted(map(str, ran)) == sorted(map(str, range(2 + queue_size)))
+
+
+@pytest.mark.timeout(120)
+def test_reliability_queue_timeout_waits_then_raises(rel_executors, rel_gates):
+    app = rel_make_app(
+        "queue_timeout", EXECUTOR_MAX_WORKERS=2, EXECUTOR_QUEUE_SIZE=1, EXECUTOR_QUEUE_TIMEOUT=0.5
+    )
+    executor = rel_executors(app)
+    gate = rel_gates()
+    started, ran = [], []
+
+    def blocker(tag):
+        started.append(tag)
+        gate.wait(60)
+        ran.append(tag)
+        return tag
+
+    futures = [executor.submit(blocker, i) for i in range(2)]
+    assert rel_wait_until(lambda: len(started) == 2)
+    futures.append(executor.submit(blocker, 2))
+
+    t0 = time.monotonic()
+    with pytest.raises(QueueFull):
+        executor.submit(blocker, "rejected")
+    waited = time.monotonic() - t0
+    # lower bound only: it did wait for room before giving up
+    assert waited >= 0.4, waited
+
+    gate.set()
+    assert [f.result(timeout=30) for f in futures] == [0, 1, 2]
+    assert "rejected" not in ran
+
+
+@pytest.mark.timeout(120)
+def test_reliability_queue_timeout_freed_slot_lets_submit_through(rel_executors, rel_gates):
+    app = rel_make_app("queue_free", EXECUTOR_MAX_WORKERS=2, EXECUTOR_QUEUE_SIZE=1, EXECUTOR_QUEUE_TIMEOUT=30)
+    executor = rel_executors(app)
+    first_gate, other_gate = rel_gates(), rel_gates()
+    started = []
+
+    def blocker(tag, gate):
+        started.append(tag)
+        gate.wait(60)
+        return tag
+
+    futures = [executor.submit(blocker, 0, first_gate), executor.submit(blocker, 1, other_gate)]
+    assert rel_wait_until(lambda: len(started) == 2)
+    futures.append(executor.submit(blocker, 2, other_gate))  # fills the queue
+
+    outcome = {}
+
+    def late_submitter():
+        try:
+            outcome["future"] = executor.submit(rel_task_identity, "late")
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    submitter = threading.Thread(target=late_submitter, daemon=True)
+    submitter.start()
+    submitter.join(0.3)
+    assert submitter.is_alive(), f"submit did not wait for room: {outcome}"
+
+    first_gate.set()  # task 0 finishes, task 2 starts, the queue has room
+    submitter.join(30)
+    assert not submitter.is_alive()
+    assert "error" not in outcome, outcome
+    other_gate.set()
+    assert outcome["future"].result(timeout=30) == "late"
+    assert [f.result(timeout=30) for f in futures] == [0, 1, 2]
+
+
+@pytest.mark.timeout(180)
+def test_reliability_queue_flood_accounting_and_memory(rel_executors):
+    app = rel_make_app("flood", EXECUTOR_MAX_WORKERS=2, EXECUTOR_QUEUE_SIZE=8)
+    executor = rel_executors(app)
+    counter = [0]
+    counter_lock = threading.Lock()
+
+    def small():
+        time.sleep(0.001)
+        with counter_lock:
+            counter[0] += 1
+
+    assert executor.submit(rel_task_identity, 1).result(timeout=10) == 1  # warm-up
+    gc.collect()
+    rss_before = rel_rss_kb()
+
+    n_threads, per_thread = 16, 500
+    barrier = threading.Barrier(n_threads)
+    accepted_by_thread = [None] * n_threads
+    rejected_by_thread = [0] * n_threads
+    errors = []
+
+    def flood(index):
+        accepted = []
+        rejected = 0
+        try:
+            barrier.wait(30)
+            for _ in range(per_thread):
+                try:
+                    accepted.append(executor.submit(small))
+                except QueueFull:
+                    rejected += 1
+        except BaseException as exc:
+            errors.append(exc)
+        accepted_by_thread[index] = accepted
+        rejected_by_thread[index] = rejected
+
+    threads = [threading.Thread(target=flood, args=(i,), daemon=True) for i in range(n_threads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+
+    accepted = [f for fs in accepted_by_thread for f in fs]
+    rejected = sum(rejected_by_thread)
+    assert len(accepted) + rejected == n_threads * per_thread
+    assert rejected > 0, "the queue bound never rejected anything under a flood"
+    assert len(accepted) > 0
+
+    done, not_done = concurrent.futures.wait(accepted, timeout=120)
+    assert not not_done
+    assert all(f.exception() is None for f in done)
+    # a task that was rejected never ran; every accepted one ran exactly once
+    assert rel_wait_until(lambda: counter[0] == len(accepted), timeout=10)
+    assert counter[0] == len(accepted)
+
+    accepted.clear()
+    accepted_by_thread.clear()
+    done = not_done = None
+    gc.collect()
+    growth_mb = (rel_rss_kb() - rss_before) / 1024
+    assert growth_mb < 100, f"RSS grew by {growth_mb:.1f} MB"
+
+
+# --------------------------------------------------------------------------
+# 4. FutureCollection thread safety and eviction
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_reliability_concurrent_submit_stored_then_pop(rel_executors, rel_fast_switching):
+    app = rel_make_app("stored", EXECUTOR_MAX_WORKERS=4, EXECUTOR_FUTURES_MAX_LENGTH=0)
+    executor = rel_executors(app)
+    n_threads, per_thread = 16, 50
+    barrier = threading.Barrier(n_threads)
+    stored = [None] * n_threads
+    popped_wrong = []
+    errors = []
+
+    def submitter(t):
+        try:
+            barrier.wait(30)
+            stored[t] = {
+                f"rel-{t}-{i}": executor.submit_stored(f"rel-{t}-{i}", rel_task_identity, f"rel-{t}-{i}")
+                for i in range(per_thread)
+            }
+        except BaseException as exc:
+            errors.append(exc)
+
+    def popper(t):
+        try:
+            barrier.wait(30)
+            for key, future in stored[t].items():
+                got = executor.futures.pop(key)
+                if got is not future:
+                    popped_wrong.append((key, got))
+        except BaseException as exc:
+            errors.append(exc)
+
+    for target in (submitter, popper):
+        threads = [threading.Thread(target=target, args=(t,), daemon=True) for t in range(n_threads)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        assert not any(th.is_alive() for th in threads)
+        assert errors == []
+        if target is submitter:
+            all_keys = {k for d in stored for k in d}
+            assert len(all_keys) == n_threads * per_thread
+            assert len(executor.futures) == n_threads * per_thread
+            assert set(executor.futures.keys()) == all_keys
+
+    assert popped_wrong == []
+    assert len(executor.futures) == 0
+    for d in stored:
+        for key, future in d.items():
+            assert future.result(timeout=30) == key
+
+
+@pytest.mark.timeout(120)
+def test_reliability_concurrent_submit_stored_same_key_runs_once(rel_executors, rel_fast_switching):
+    app = rel_make_app("same_key", EXECUTOR_MAX_WORKERS=4)
+    executor = rel_executors(app)
+    runs = []
+    barrier = threading.Barrier(16)
+    outcomes = []
+
+    def task():
+        runs.append(1)
+        return "ran"
+
+    def racer():
+        barrier.wait(30)
+        try:
+            outcomes.append(executor.submit_stored("rel-shared", task))
+        except ValueError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=racer, daemon=True) for _ in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(30)
+    winners = [o for o in outcomes if isinstance(o, Future)]
+    assert len(outcomes) == 16
+    assert len(winners) == 1
+    assert winners[0].result(timeout=30) == "ran"
+    assert executor.futures.pop("rel-shared") is winners[0]
+    assert len(runs) == 1
+
+
+@pytest.mark.timeout(120)
+def test_reliability_standalone_collection_concurrent_add_pop(rel_fast_switching):
+    collection = FutureCollection(max_length=0)
+    errors, wrong = [], []
+    barrier = threading.Barrier(16)
+
+    def worker(t):
+        try:
+            barrier.wait(30)
+            for i in range(2000):
+                key = (t, i)
+                future = Future()
+                collection.add(key, future)
+                assert future in collection
+                if collection.pop(key) is not future:
+                    wrong.append(key)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert errors == [] and wrong == []
+    assert len(collection) == 0
+
+
+@pytest.mark.timeout(120)
+def test_reliability_standalone_collection_concurrent_eviction_keeps_bound(rel_fast_switching):
+    collection = FutureCollection(max_length=50)
+    errors = []
+    barrier = threading.Barrier(16)
+
+    def worker(t):
+        try:
+            barrier.wait(30)
+            for i in range(3000):
+                future = Future()
+                future.set_result(i)
+                collection.add((t, i), future)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(16)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    assert errors == []
+    assert len(collection) == 50
+    assert len(list(collection.keys())) == 50
+
+
+@pytest.mark.timeout(60)
+def test_reliability_standalone_collection_eviction_order():
+    collection = FutureCollection(max_length=3)
+    assert collection.max_length == 3
+    futures = {key: Future() for key in "abcdefg"}
+    futures["a"].set_result("a")
+    futures["c"].set_result("c")
+    futures["e"].set_result("e")
+
+    for key in "abc":
+        collection.add(key, futures[key])
+    assert set(collection.keys()) == {"a", "b", "c"}
+
+    collection.add("d", futures["d"])  # finished first, oldest first: a
+    assert set(collection.keys()) == {"b", "c", "d"}
+
+    collection.add("e", futures["e"])  # c is the only finished one
+    assert set(collection.keys()) == {"b", "d", "e"}
+
+    futures["d"].set_result("d")  # finished later: it is now evicted before e and b
+    collection.add("f", futures["f"])
+    assert set(collection.keys()) == {"b", "e", "f"}
+
+    collection.add("g", futures["g"])  # e is the only finished one
+    assert set(collection.keys()) == {"b", "f", "g"}
+
+    collection.add("h", Future())  # all unfinished: the oldest unfinished, b, goes
+    assert set(collection.keys()) == {"f", "g", "h"}
+    assert len(collection) == 3
+    assert collection.pop("b") is None
+    assert collection.pop("f") is futures["f"]
+    assert futures["b"] not in collection
+
+
+@pytest.mark.timeout(120)
+def test_reliability_executor_eviction_order_and_warning(rel_executors, rel_gates, caplog):
+    caplog.set_level(logging.DEBUG)
+    app = rel_make_app("evict", EXECUTOR_MAX_WORKERS=8, EXECUTOR_FUTURES_MAX_LENGTH=3)
+    executor = rel_executors(app)
+    gate = rel_gates()
+
+    def instant(key):
+        return key
+
+    def blocked(key):
+        gate.wait(60)
+        return key
+
+    fa = executor.submit_stored("a", instant, "a")
+    assert fa.result(timeout=10) == "a"
+    fb = executor.submit_stored("b", blocked, "b")
+    fc = executor.submit_stored("c", instant, "c")
+    assert fc.result(timeout=10) == "c"
+    executor.submit_stored("d", blocked, "d")  # a (finished, oldest) evicted
+    assert set(executor.futures.keys()) == {"b", "c", "d"}
+    executor.submit_stored("e", blocked, "e")  # c (only finished) evicted
+    assert set(executor.futures.keys()) == {"b", "d", "e"}
+    assert rel_app_records(caplog, app, logging.WARNING) == []  # finished ones go silently
+
+    executor.submit_stored("f", blocked, "f")  # all unfinished: b evicted with a WARNING
+    assert set(executor.futures.keys()) == {"d", "e", "f"}
+    assert executor.futures.done("b") is None
+    warnings = rel_app_records(caplog, app, logging.WARNING)
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+
+    gate.set()
+    assert fb.result(timeout=30) == "b"  # evicted from the collection, still ran
+    for key in "def":
+        assert executor.futures.result(key, timeout=30) == key
+
+
+# --------------------------------------------------------------------------
+# 5. failures are visible
+# --------------------------------------------------------------------------
+
+
+def rel_callbacks_barrier(future):
+    """Add, while ``future`` is still pending, a done callback that sets the
+    returned Event.  Callbacks of a pending future run in the order they were
+    added, so once the Event is set the ones added before (the executor's)
+    have run too.  (A callback added to a finished future runs at once, in
+    the caller's thread, which is why the future must still be pending.)"""
+    assert not future.done()
+    seen = threading.Event()
+    future.add_done_callback(lambda f: seen.set())
+    return seen
+
+
+@pytest.mark.timeout(60)
+def test_reliability_task_exception_logged_once_with_traceback(rel_executors, rel_gates, caplog):
+    caplog.set_level(logging.DEBUG)
+    app = rel_make_app("log_exc")
+    executor = rel_executors(app)
+    gate = rel_gates()
+    token = f"rel-boom-{uuid.uuid4().hex}"
+
+    def failing():
+        gate.wait(30)
+        raise ValueError(token)
+
+    future = executor.submit(failing)
+    barrier = rel_callbacks_barrier(future)
+    gate.set()
+    assert isinstance(future.exception(timeout=30), ValueError)
+    assert barrier.wait(30)
+    assert executor.submit(rel_task_identity, 1).result(timeout=30) == 1
+
+    mentions = [r for r in caplog.records if token in rel_record_text(r)]
+    assert len(mentions) == 1, [(r.name, r.levelname, r.getMessage()) for r in mentions]
+    record = mentions[0]
+    assert record.name == app.name
+    assert record.levelno == logging.ERROR
+    assert record.exc_info and record.exc_info[0] is ValueError
+    assert "Traceback" in rel_record_text(record)
+    assert token in rel_record_text(record)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("value", [False, "false", "False", "off", "0"])
+def test_reliability_task_exception_logging_off(rel_executors, rel_gates, caplog, value):
+    caplog.set_level(logging.DEBUG)
+    app = rel_make_app("log_off", EXECUTOR_LOG_EXCEPTIONS=value)
+    executor = rel_executors(app)
+    gate = rel_gates()
+    token = f"rel-quiet-{uuid.uuid4().hex}"
+
+    def failing():
+        gate.wait(30)
+        raise ValueError(token)
+
+    future = executor.submit(failing)
+    barrier = rel_callbacks_barrier(future)
+    gate.set()
+    assert isinstance(future.exception(timeout=30), ValueError)
+    assert barrier.wait(30)
+    assert [r for r in caplog.records if token in rel_record_text(r)] == []
+    assert rel_app_records(caplog, app, logging.ERROR) == []
+
+
+@pytest.mark.timeout(60)
+def test_reliability_raising_done_callback_logged_others_run(rel_executors, rel_gates, caplog):
+    caplog.set_level(logging.DEBUG)
+    app = rel_make_app("callbacks")
+    executor = rel_executors(app)
+    gate = rel_gates()
+    calls = []
+    token = f"rel-callback-boom-{uuid.uuid4().hex}"
+
+    def raiser(future):
+        raise RuntimeError(token)
+
+    def default_raiser(future):
+        raise RuntimeError(token + "-default")
+
+    executor.add_default_done_callback(default_raiser)
+    executor.add_default_done_callback(lambda f: calls.append("default-after"))
+
+    future = executor.submit(lambda: gate.wait(30) and "done")
+    future.add_done_callback(lambda f: calls.append("before"))
+    future.add_done_callback(raiser)
+    future.add_done_callback(lambda f: calls.append("after"))
+    barrier = rel_callbacks_barrier(future)
+    gate.set()
+    assert future.result(timeout=30) == "done"
+    assert barrier.wait(30)
+    assert sorted(calls) == ["after", "before", "default-after"]
+    assert calls.index("before") < calls.index("after")
+
+    # a raising callback added to an already finished future runs at once;
+    # it is logged too and does not raise into the caller
+    future.add_done_callback(raiser)
+    future.add_done_callback(lambda f: calls.append("late"))
+    assert calls[-1] == "late"
+
+    errors = rel_app_records(caplog, app, logging.ERROR)
+    texts = [rel_record_text(r) for r in errors]
+    assert len([t for t in texts if token + "-default" in t]) == 1, texts
+    assert len([t for t in texts if token in t and token + "-default" not in t]) == 2, texts
+
+
+# --------------------------------------------------------------------------
+# 6. shutdown
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_reliability_shutdown_wait_runs_every_accepted_task(rel_executors):
+    app = rel_make_app("shutdown_wait", EXECUTOR_MAX_WORKERS=2)
+    executor = rel_executors(app)
+    ran = []
+
+    def slowish(i):
+        time.sleep(0.02)
+        ran.append(i)
+        return i
+
+    futures = [executor.submit(slowish, i) for i in range(50)]
+    executor.shutdown(wait=True)
+    assert sorted(ran) == list(range(50))
+    assert all(f.done() for f in futures)
+    assert [f.result(timeout=0) for f in futures] == list(range(50))
+
+
+@pytest.mark.timeout(120)
+def test_reliability_shutdown_cancel_futures(rel_executors, rel_gates):
+    app = rel_make_app("shutdown_cancel", EXECUTOR_MAX_WORKERS=2)
+    executor = rel_executors(app)
+    gate = rel_gates()
+    started, ran = [], []
+
+    def blocker(i):
+        started.append(i)
+        gate.wait(60)
+        ran.append(i)
+        return i
+
+    running = [executor.submit(blocker, i) for i in range(2)]
+    assert rel_wait_until(lambda: len(started) == 2)
+    waiting = [executor.submit(blocker, i) for i in range(2, 12)]
+
+    stopper = threading.Thread(target=lambda: executor.shutdown(wait=True, cancel_futures=True), daemon=True)
+    stopper.start()
+    assert rel_wait_until(lambda: all(f.cancelled() for f in waiting), timeout=30), [
+        f for f in waiting if not f.cancelled()
+    ]
+    gate.set()
+    stopper.join(30)
+    assert not stopper.is_alive()
+    assert [f.result(timeout=30) for f in running] == [0, 1]
+    assert all(f.cancelled() for f in waiting)
+    assert sorted(ran) == [0, 1]
+
+
+@pytest.mark.timeout(60)
+def test_reliability_submit_after_shutdown_raises(rel_executors):
+    app = rel_make_app("shutdown_submit")
+    executor = rel_executors(app)
+    assert executor.submit(rel_task_identity, 1).result(timeout=10) == 1
+    executor.shutdown(wait=True)
+    ran = []
+    with pytest.raises(RuntimeError):
+        executor.submit(ran.append, 1)
+    with pytest.raises(RuntimeError):
+        executor.submit_stored("rel-after", ran.append, 2)
+    assert executor.futures.pop("rel-after") is None
+    assert ran == []
+    executor.init_app(app)  # usable again
+    assert executor.submit(rel_task_identity, 2).result(timeout=10) == 2
+
+
+REL_EXIT_SCRIPT = """
+import json
+import sys
+import threading
+import time
+
+out_path, module_dir, config = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+shutdown_without_waiting = config.pop("rel_shutdown_wait_false", False)
+sys.path.insert(0, module_dir)
+
+from flask import Flask
+from flask_executor import Executor
+
+app = Flask("rel_exit_app")
+app.config.update(config)
+executor = Executor(app)
+lock = threading.Lock()
+
+
+def task(i):
+    time.sleep(0.05)
+    with lock:
+        with open(out_path, "a") as fh:
+            fh.write(f"{i}\\n")
+
+
+for i in range(20):
+    executor.submit(task, i)
+print("submitted", flush=True)
+if shutdown_without_waiting:
+    executor.shutdown(wait=False)
+# the main thread ends here without waiting for anything
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"EXECUTOR_MAX_WORKERS": 2},
+        {"EXECUTOR_MAX_WORKERS": 2, "EXECUTOR_QUEUE_SIZE": 50},
+        {"EXECUTOR_MAX_WORKERS": 2, "rel_shutdown_wait_false": True},
+    ],
+    ids=["unbounded", "bounded_queue", "after_shutdown_wait_false"],
+)
+def test_reliability_interpreter_exit_completes_accepted_tasks(tmp_path, config):
+    script = tmp_path / "rel_exit_script.py"
+    script.write_text(REL_EXIT_SCRIPT)
+    out = tmp_path / "out.txt"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out), REL_MODULE_DIR, json.dumps(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=str(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "submitted" in proc.stdout
+    assert out.exists(), proc.stderr
+    assert sorted(int(line) for line in out.read_text().split()) == list(range(20))
+
+
+# --------------------------------------------------------------------------
+# 7. bad configuration
+# --------------------------------------------------------------------------
+
+REL_BAD_CONFIG = [
+    ("EXECUTOR_MAX_WORKERS", "abc", {}),
+    ("EXECUTOR_MAX_WORKERS", 0, {}),
+    ("EXECUTOR_MAX_WORKERS", -1, {}),
+    ("EXECUTOR_FUTURES_MAX_LENGTH", -1, {}),
+    ("EXECUTOR_FUTURES_MAX_LENGTH", "x", {}),
+    ("EXECUTOR_TYPE", "fibre", {}),
+    ("EXECUTOR_PROPAGATE_EXCEPTIONS", "maybe", {}),
+    ("EXECUTOR_PUSH_APP_CONTEXT", "maybe", {}),
+    ("EXECUTOR_LOG_EXCEPTIONS", 2, {}),
+    ("EXECUTOR_QUEUE_SIZE", "many", {}),
+    ("EXECUTOR_QUEUE_SIZE", -1, {}),
+    ("EXECUTOR_QUEUE_TIMEOUT", -1, {}),
+    ("EXECUTOR_QUEUE_TIMEOUT", "soon", {}),
+    ("EXECUTOR_MP_CONTEXT", "bogus", {"EXECUTOR_TYPE": "process"}),
+    ("EXECUTOR_MAX_TASKS_PER_CHILD", 0, {"EXECUTOR_TYPE": "process"}),
+]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("key,value,extra", REL_BAD_CONFIG, ids=[f"{k}={v!r}" for k, v, _ in REL_BAD_CONFIG])
+def test_reliability_bad_config_raises(key, value, extra):
+    app = rel_make_app("bad_config", **extra)
+    app.config[key] = value
+    executor = Executor()
+    with pytest.raises(ValueError) as info:
+        executor.init_app(app)
+    message = str(info.value)
+    assert key in message, message
+    assert str(value) in message, message
+
+
+@pytest.mark.timeout(30)
+def test_reliability_bad_config_named_executor_reports_prefixed_key():
+    app = rel_make_app("bad_named", CUSTOM_EXECUTOR_MAX_WORKERS="abc")
+    with pytest.raises(ValueError) as info:
+        Executor(app, name="custom")
+    message = str(info.value)
+    assert "CUSTOM_EXECUTOR_MAX_WORKERS" in message, message
+    assert "abc" in message, message
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "key", ["EXECUTOR_PROPAGATE_EXCEPTIONS", "EXECUTOR_PUSH_APP_CONTEXT", "EXECUTOR_LOG_EXCEPTIONS"]
+)
+@pytest.mark.parametrize("value", ["TRUE", "off", "Yes", "0", True, False, "no", "1", "On"])
+def test_reliability_good_bool_spellings_accepted(rel_executors, key, value):
+    app = rel_make_app("good_bool")
+    app.config[key] = value
+    executor = rel_executors(app)
+    assert executor.submit(rel_task_identity, 3).result(timeout=10) == 3
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"EXECUTOR_MAX_WORKERS": "4"},
+        {"EXECUTOR_FUTURES_MAX_LENGTH": "0"},
+        {"EXECUTOR_QUEUE_SIZE": "0"},
+        {"EXECUTOR_QUEUE_SIZE": "10", "EXECUTOR_QUEUE_TIMEOUT": "0.5"},
+        {"EXECUTOR_TYPE": "sync"},
+    ],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_reliability_good_config_strings_accepted(rel_executors, config):
+    app = rel_make_app("good_config", **config)
+    executor = rel_executors(app)
+    assert executor.submit(rel_task_identity, 5).result(timeout=10) == 5
+
+
+# --------------------------------------------------------------------------
+# 8. isolation under load (real threaded werkzeug server)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_reliability_isolation_under_load_threaded_server(rel_executors):
+    app = rel_make_app("isolation", SECRET_KEY="rel-secret", EXECUTOR_MAX_WORKERS=8)
+    executor = rel_executors(app)
+
+    def task():
+        return {
+            "g": g.token,
+            "arg": request.args["token"],
+            "client": session["client"],
+            "n": session["n"],
+            "path": request.path,
+        }
+
+    @app.route("/echo")
+    def echo():
+        g.token = request.args["token"]
+        session.setdefault("client", request.args["client"])
+        session["n"] = session.get("n", 0) + 1
+        return jsonify(executor.submit(task).result(timeout=20))
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_request(self, *args, **kwargs):
+            pass
+
+    port = rel_free_port()
+    server = make_server("127.0.0.1", port, app, threaded=True, request_handler=QuietHandler)
+    server_thread = threading.Thread(target=server.serve_forever, daemon=True)
+    server_thread.start()
+
+    n_clients, per_client = 16, 32
+    mismatches, errors = [], []
+    answered = [0] * n_clients
+
+    def client(index):
+        client_id = f"client-{index}"
+        cookie = None
+        try:
+            for i in range(per_client):
+                token = f"{index}-{i}-{uuid.uuid4().hex}"
+                headers = {"Cookie": cookie} if cookie else {}
+                status, resp_headers, body = rel_http_get(
+                    port, f"/echo?token={token}&client={client_id}", headers=headers, timeout=30
+                )
+                if status != 200:
+                    mismatches.append((client_id, i, status, body[:200]))
+                    continue
+                for name, value in resp_headers:
+                    if name.lower() == "set-cookie":
+                        jar = http.cookies.SimpleCookie()
+                        jar.load(value)
+                        if "session" in jar:
+                            cookie = f"session={jar['session'].value}"
+                data = json.loads(body)
+                expected = {"g": token, "arg": token, "client": client_id, "n": i + 1, "path": "/echo"}
+                if data != expected:
+                    mismatches.append((client_id, i, data, expected))
+                answered[index] += 1
+        except BaseException as exc:
+            errors.append((client_id, repr(exc)))
+
+    try:
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(n_clients)]
+        for th in threads:
+            th.start()
+        deadline = time.monotonic() + 150
+        for th in threads:
+            th.join(max(0.1, deadline - time.monotonic()))
+        assert not any(th.is_alive() for th in threads), "clients did not finish in time"
+        assert errors == []
+        assert mismatches == []
+        assert sum(answered) == n_clients * per_client >= 500
+    finally:
+        server.shutdown()
+        server.server_close()
+        server_thread.join(10)
