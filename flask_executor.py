@@ -403,15 +403,19 @@ class Executor(concurrent.futures.Executor):
         slots: threading.BoundedSemaphore | None,
         inner: concurrent.futures.Future[Any],
     ) -> None:
+        # The two futures refer to each other (through _inner and this callback):
+        # unlinking them lets reference counting free both, rather than the cyclic GC.
+        future._inner = None
         if slots is not None:
             slots.release()
         self._handed_over.discard(future)
-        if inner.cancelled():
+        try:
+            exception = inner.exception()
+        except concurrent.futures.CancelledError:
             concurrent.futures.Future.cancel(future)
             return
         if future.done():  # a thread-like pool, where the task completed its future itself
             return
-        exception = inner.exception()
         if exception is None:
             future.set_result(inner.result())
             return
