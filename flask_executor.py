@@ -23,6 +23,7 @@ request through :attr:`Executor.futures`.
 from __future__ import annotations
 
 import atexit
+import collections
 import concurrent.futures
 import contextvars
 import dataclasses
@@ -430,14 +431,14 @@ class Executor(concurrent.futures.Executor):
             if self._pool is not pool:
                 return  # already replaced: the event was logged then
             self._pool = None
+            _broken_pools.append(pool)
         if self._app is not None:
             self._app.logger.warning(
                 "A worker of %r died (killed, out of memory, or os._exit); the tasks it was"
                 " running failed with BrokenProcessPool and a new pool is used from the next task",
                 self,
             )
-        # No shutdown(): this may run in the broken pool's own manager thread, and a
-        # broken pool has already stopped its workers and is releasing what it holds.
+        # No shutdown(), for the same reason; a broken pool has stopped its workers already.
 
     def _make_pool(self) -> _Pool:
         with self._pool_lock:
@@ -1292,6 +1293,12 @@ _apps_for_forked_workers: weakref.WeakValueDictionary[str, flask.Flask] = weakre
 _apps_loaded_in_worker: dict[str, flask.Flask] = {}
 # Where report_progress() writes in a process worker, whose reports go nowhere.
 _progress_sink: TaskFuture[Any] = TaskFuture()
+
+# Process pools that broke, kept alive a while. A broken pool fails its futures in
+# its own manager thread, holding its shutdown lock, and so runs our callbacks
+# there; if they dropped the last reference to the pool, its collection callback
+# would take that same lock, and the thread would wait for itself forever.
+_broken_pools: collections.deque[concurrent.futures.Executor] = collections.deque(maxlen=8)
 
 _live_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
 _live_thread_pools: weakref.WeakSet[_ThreadPool] = weakref.WeakSet()

@@ -2891,6 +2891,37 @@ def test_reliability_dead_process_worker(rel_executors, caplog, killer):
     )
 
 
+REL_DROPPED_EXECUTOR_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from flask import Flask
+from flask_executor import Executor
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if __name__ == "__main__":
+    app = Flask("dropped")
+    app.config.update(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1, EXECUTOR_MP_CONTEXT="fork")
+    executor = Executor(app)
+    futures = [executor.submit(die) for _ in range(3)]
+    del executor, app  # only the futures' callbacks still hold the executor and its pool
+    print(type(futures[0].exception(timeout=30)).__name__, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_reliability_dead_worker_of_a_dropped_executor_does_not_hang_exit(tmp_path):
+    # A broken pool fails its futures in its own manager thread, holding its shutdown
+    # lock. If that dropped the last reference to the pool, the pool's collection callback
+    # would wait for the same lock, and the process would hang at exit.
+    script = tmp_path / "dropped_executor.py"
+    script.write_text(REL_DROPPED_EXECUTOR_SCRIPT.format(repo=str(Path(__file__).resolve().parent)))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "BrokenProcessPool"
+
+
 # --------------------------------------------------------------------------
 # 3. backpressure
 # --------------------------------------------------------------------------
