@@ -371,9 +371,9 @@ class Executor(concurrent.futures.Executor):
     ) -> None:
         """Hands a task to a pool that makes futures of its own (a process pool or a
         configured executor), and ties its future to the task's."""
-        call: Callable[[], Any]
+        call: tuple[Any, ...]
         if self._runs_tasks_here:
-            call = task.run
+            call = (task.run,)
         else:
             if config.kind == "foreign" and isinstance(pool, concurrent.futures.ProcessPoolExecutor):
                 _check_picklable(task.fn)
@@ -381,14 +381,14 @@ class Executor(concurrent.futures.Executor):
             # A unique id in every call to a configured executor: some (Dask's) run a
             # call only once when it is submitted again with the same arguments.
             call_id = uuid.uuid4().hex if config.kind == "foreign" else None
-            call = functools.partial(_run_in_worker, task.fn, task.args, task.kwargs, app_reference, call_id)
+            call = (_run_in_worker, task.fn, task.args, task.kwargs, app_reference, call_id)
         try:
-            inner = pool.submit(call)
+            inner = pool.submit(*call)
         except concurrent.futures.BrokenExecutor:
             # The pool broke since the last task finished; a fresh one takes this task.
             self._forget_broken_pool(pool)
             pool = cast(concurrent.futures.Executor, self._pool or self._make_pool())
-            inner = pool.submit(call)
+            inner = pool.submit(*call)
         future = task.future
         future._inner = inner
         if future.cancelled():  # cancelled through the collection while it was being handed over
@@ -990,7 +990,8 @@ class _CapturedContexts:
         if flask.has_app_context():
             original: AppContext = cast(Any, app_ctx)._get_current_object()
             self.app = original.app
-            self.g_values = dict(vars(original.g))
+            g_values = vars(original.g)
+            self.g_values = dict(g_values) if g_values else None
             self.original = original
             if not _APP_CONTEXT_HOLDS_REQUEST and flask.has_request_context():
                 current: RequestContext = cast(Any, request_ctx)._get_current_object()
@@ -998,7 +999,7 @@ class _CapturedContexts:
                 self.session = current.session
         elif app is not None:
             self.app = app
-            self.g_values = {}
+            self.g_values = None
         else:
             raise RuntimeError(
                 "the executor is not bound to an app: call init_app(app) before submitting tasks"
@@ -1011,7 +1012,8 @@ class _CapturedContexts:
             context: AppContext = self.original.copy()  # type: ignore[attr-defined]
         else:
             context = self.app.app_context()
-        vars(context.g).update(self.g_values)
+        if self.g_values:
+            vars(context.g).update(self.g_values)
         return context
 
     def take_request_context(self) -> RequestContext | None:
@@ -1083,7 +1085,7 @@ class _Task:
     """One call of a submitted function, run by a thread (or inline, in sync mode)
     inside fresh copies of the contexts it was submitted from."""
 
-    __slots__ = ("app_context", "args", "captured", "fn", "future", "kwargs", "slots")
+    __slots__ = ("args", "captured", "fn", "future", "kwargs", "slots")
 
     def __init__(
         self,
@@ -1098,8 +1100,6 @@ class _Task:
         self.args = args
         self.kwargs = kwargs
         self.captured = captured
-        # Made here, in the submitting thread, so that g is copied as it is at submit time.
-        self.app_context = captured.app_context() if captured is not None else None
         # The queue slot the task holds (see _make_slots), freed when it is done.
         self.slots: threading.BoundedSemaphore | None = None
 
@@ -1110,7 +1110,9 @@ class _Task:
                 self.slots.release()
             return
         token = _current_future.set(future)
-        app_context = self.app_context
+        # Made here rather than at submit (g was copied then), so that a task waiting in
+        # the queue holds fewer objects for the cyclic garbage collector to traverse.
+        app_context = self.captured.app_context() if self.captured is not None else None
         request_context = None
         error: BaseException | None = None
         try:
