@@ -52,7 +52,7 @@ from flask import (
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 import flask_executor
-from flask_executor import Executor, FutureCollection, QueueFull, TaskFuture
+from flask_executor import Executor, FutureCollection, Progress, QueueFull, TaskFuture, report_progress
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -3707,3 +3707,141 @@ def test_reliability_isolation_under_load_threaded_server(rel_executors):
         server.shutdown()
         server.server_close()
         server_thread.join(10)
+
+
+# ================================================================================================
+# Progress (issue 6): report_progress, future.progress, futures.progress(key)
+# ================================================================================================
+
+
+def progress_report_three_steps():
+    """Module-level, so that a process pool can run it: reports, then returns."""
+    for step in range(1, 4):
+        report_progress(step, 3, f"step {step}")
+    return "reported"
+
+
+def test_progress_is_none_until_reported_then_the_last_report(make_executor):
+    executor = make_executor(EXECUTOR_MAX_WORKERS=1)
+    reported, release = threading.Event(), threading.Event()
+
+    def task():
+        report_progress(1, 4, "first quarter")
+        reported.set()
+        assert release.wait(WAIT_SECONDS)
+        report_progress(4, 4, "all done")
+        return "finished"
+
+    blocker_release = threading.Event()
+    blocker = executor.submit(blocker_release.wait, WAIT_SECONDS)
+    future = executor.submit(task)
+    assert future.progress is None  # waiting for the worker: nothing reported yet
+    blocker_release.set()
+    assert blocker.result(timeout=WAIT_SECONDS)
+    assert reported.wait(WAIT_SECONDS)
+    assert future.progress == Progress(1, 4, "first quarter")
+    assert future.progress.fraction == 0.25
+    release.set()
+    assert future.result(timeout=WAIT_SECONDS) == "finished"
+    assert future.progress == Progress(4, 4, "all done")
+    assert future.progress.fraction == 1.0
+
+
+def test_progress_of_stored_futures_by_key(make_executor):
+    executor = make_executor()
+    reported, release = threading.Event(), threading.Event()
+
+    def task():
+        report_progress(30, None, "rows so far")
+        reported.set()
+        assert release.wait(WAIT_SECONDS)
+
+    executor.submit_stored("import", task)
+    assert reported.wait(WAIT_SECONDS)
+    progress = executor.futures.progress("import")
+    assert (progress.done, progress.total, progress.message) == (30, None, "rows so far")
+    assert progress.fraction is None  # the total is unknown
+    assert executor.futures.progress("no-such-key") is None
+    release.set()
+    assert executor.futures.result("import", timeout=WAIT_SECONDS) is None
+
+
+def test_progress_in_sync_mode_and_from_a_coroutine(make_executor):
+    executor = make_executor(EXECUTOR_TYPE="sync")
+    future = executor.submit(progress_report_three_steps)
+    assert future.done() and future.result() == "reported"
+    assert future.progress == Progress(3, 3, "step 3")
+
+    async def coroutine_task():
+        report_progress(2, 5, "awaiting")
+        return "awaited"
+
+    threaded = make_executor(name="coro")
+    future = threaded.submit(coroutine_task)
+    assert future.result(timeout=WAIT_SECONDS) == "awaited"
+    assert future.progress == Progress(2, 5, "awaiting")
+
+
+def test_progress_of_concurrent_tasks_stays_their_own(make_executor):
+    task_count, steps = 16, 200
+    executor = make_executor(EXECUTOR_MAX_WORKERS=task_count)
+    barrier = threading.Barrier(task_count)
+
+    def task(index):
+        barrier.wait(WAIT_SECONDS)  # all of them report at the same time
+        total = steps + index
+        for done in range(1, total + 1):
+            report_progress(done, total, f"task {index}")
+        return index
+
+    futures = [executor.submit(task, index) for index in range(task_count)]
+    for index, future in enumerate(futures):
+        assert future.result(timeout=WAIT_SECONDS) == index
+        assert future.progress == Progress(steps + index, steps + index, f"task {index}")
+
+
+def test_report_progress_outside_a_task_raises_runtime_error(app):
+    with pytest.raises(RuntimeError, match="outside a task"):
+        report_progress(1, 2)
+    with app.app_context(), pytest.raises(RuntimeError, match="outside a task"):
+        report_progress(1, 2)
+    errors = []
+
+    def plain_thread():
+        try:
+            report_progress(1)
+        except RuntimeError as error:
+            errors.append(error)
+
+    thread = threading.Thread(target=plain_thread)
+    thread.start()
+    thread.join(WAIT_SECONDS)
+    assert len(errors) == 1
+
+
+@pytest.mark.parametrize(
+    ("done", "total", "complaint"),
+    [(-1, None, "done must be 0 or more"), (1, 0, "total must be more than 0"), (5, 4, "cannot be more")],
+)
+def test_report_progress_rejects_bad_values(make_executor, done, total, complaint):
+    executor = make_executor(EXECUTOR_TYPE="sync", EXECUTOR_LOG_EXCEPTIONS=False)
+    future = executor.submit(report_progress, done, total)
+    assert isinstance(future.exception(), ValueError)
+    assert complaint in str(future.exception())
+    assert future.progress is None  # a rejected report leaves nothing behind
+
+
+def test_report_progress_in_a_process_pool_is_a_no_op(make_executor):
+    executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+    future = executor.submit(progress_report_three_steps)
+    assert future.result(timeout=WAIT_SECONDS) == "reported"  # no error in the worker
+    assert future.progress is None  # progress does not travel between processes
+
+
+def test_progress_record_is_immutable():
+    progress = Progress(3, 12, "resizing")
+    assert progress.fraction == 0.25
+    assert Progress(3).fraction is None
+    assert Progress(0, 0).fraction is None
+    with pytest.raises(AttributeError):
+        progress.done = 4  # type: ignore[misc]
