@@ -29,7 +29,7 @@ FLASKS = {
     "3.1": ["flask>=3.1,<3.2", "werkzeug>=3.1,<3.2"],
 }
 # The library suite's own test dependencies (examples/ has its own requirements and needs Flask 3).
-TEST_DEPS = ["pytest>=8", "pytest-timeout>=2.3", "distributed", "gunicorn"]
+TEST_DEPS = ["pytest>=8", "pytest-timeout>=2.3", "distributed", "gunicorn", "docutils"]
 CORNERS = {(PYTHONS[0], "2.2"), (PYTHONS[-1], "3.1")}
 RUFF = "ruff==0.17.6"
 MYPY = "mypy>=1.11"

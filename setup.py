@@ -50,6 +50,7 @@ setup(
             "playwright>=1.45",
             "Flask-SQLAlchemy>=3.1",
             "aiosmtpd>=1.4",
+            "docutils>=0.20",
         ],
     },
     classifiers=[

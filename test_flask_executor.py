@@ -3845,3 +3845,16 @@ def test_progress_record_is_immutable():
     assert Progress(0, 0).fraction is None
     with pytest.raises(AttributeError):
         progress.done = 4  # type: ignore[misc]
+
+
+# ================================================================================================
+# The README is the PyPI page: it must be valid reStructuredText
+# ================================================================================================
+
+
+def test_readme_is_valid_restructuredtext():
+    import docutils.core as docutils_core  # a test dependency only
+
+    readme = (Path(__file__).resolve().parent / "README.rst").read_text(encoding="utf-8")
+    # halt_level 2: any warning (a broken table, an unclosed literal) raises.
+    docutils_core.publish_doctree(readme, settings_overrides={"halt_level": 2, "report_level": 2})
