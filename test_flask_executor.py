@@ -3326,12 +3326,9 @@ def rel_callbacks_barrier(future):
     return seen
 
 
-@pytest.mark.timeout(60)
-def test_reliability_task_exception_logged_once_with_traceback(rel_executors, rel_gates, caplog):
-    caplog.set_level(logging.DEBUG)
-    app = rel_make_app("log_exc")
-    executor = rel_executors(app)
-    gate = rel_gates()
+def rel_run_failing_task(executor, gate):
+    """Submits a task that raises ValueError(token) once its done callbacks are in place,
+    waits until it has failed and its callbacks have run, and returns the token."""
     token = f"rel-boom-{uuid.uuid4().hex}"
 
     def failing():
@@ -3343,6 +3340,15 @@ def test_reliability_task_exception_logged_once_with_traceback(rel_executors, re
     gate.set()
     assert isinstance(future.exception(timeout=30), ValueError)
     assert barrier.wait(30)
+    return token
+
+
+@pytest.mark.timeout(60)
+def test_reliability_task_exception_logged_once_with_traceback(rel_executors, rel_gates, caplog):
+    caplog.set_level(logging.DEBUG)
+    app = rel_make_app("log_exc")
+    executor = rel_executors(app)
+    token = rel_run_failing_task(executor, rel_gates())
     assert executor.submit(rel_task_identity, 1).result(timeout=30) == 1
 
     mentions = [r for r in caplog.records if token in rel_record_text(r)]
@@ -3361,18 +3367,7 @@ def test_reliability_task_exception_logging_off(rel_executors, rel_gates, caplog
     caplog.set_level(logging.DEBUG)
     app = rel_make_app("log_off", EXECUTOR_LOG_EXCEPTIONS=value)
     executor = rel_executors(app)
-    gate = rel_gates()
-    token = f"rel-quiet-{uuid.uuid4().hex}"
-
-    def failing():
-        gate.wait(30)
-        raise ValueError(token)
-
-    future = executor.submit(failing)
-    barrier = rel_callbacks_barrier(future)
-    gate.set()
-    assert isinstance(future.exception(timeout=30), ValueError)
-    assert barrier.wait(30)
+    token = rel_run_failing_task(executor, rel_gates())
     assert [r for r in caplog.records if token in rel_record_text(r)] == []
     assert rel_app_records(caplog, app, logging.ERROR) == []
 
