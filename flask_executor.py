@@ -589,11 +589,12 @@ class FutureCollection:
             self._futures[future_key] = future
             self._key_counts[future] = self._key_counts.get(future, 0) + 1
             evicted = self._evict_over_limit()
-        if evicted is not None:
+        for key in evicted:
             self.logger.warning(
-                "Stopped tracking the unfinished future %r: more than %d futures are stored and none"
-                " has finished. Pop futures once they are done, or raise EXECUTOR_FUTURES_MAX_LENGTH.",
-                evicted,
+                "Stopped tracking the unfinished future under key %r: more than %d futures are stored"
+                " and none has finished. Pop futures once they are done, or raise"
+                " EXECUTOR_FUTURES_MAX_LENGTH.",
+                key,
                 self.max_length,
             )
 
@@ -683,17 +684,17 @@ class FutureCollection:
         else:
             del self._key_counts[future]
 
-    def _evict_over_limit(self) -> concurrent.futures.Future[Any] | None:
+    def _evict_over_limit(self) -> list[Hashable]:
         """Drops futures beyond ``max_length``, finished ones first, oldest first.
-        Returns an unfinished one it had to drop. Called with the lock held."""
-        dropped_unfinished = None
+        Returns the keys of unfinished ones it had to drop. Called with the lock held."""
+        dropped_unfinished = []
         while self.max_length and len(self._futures) > self.max_length:
             newest = next(reversed(self._futures))
             # The scan is bounded by max_length, and stops at the first finished one.
             key = next((k for k, f in self._futures.items() if f.done() and k != newest), None)
             if key is None:
                 key = next(iter(self._futures))
-                dropped_unfinished = self._futures[key]
+                dropped_unfinished.append(key)
             self._forget_one(self._futures.pop(key))
         return dropped_unfinished
 
