@@ -993,8 +993,11 @@ class _CapturedContexts:
             self.app = original.app
             g_values = vars(original.g)
             self.g_values = dict(g_values) if g_values else None
-            self.original = original
-            if not _APP_CONTEXT_HOLDS_REQUEST and flask.has_request_context():
+            if _APP_CONTEXT_HOLDS_REQUEST:
+                # Copied now, while the request is live; tasks copy this copy, which is
+                # never pushed, whenever they start.
+                self.original = original.copy()  # type: ignore[attr-defined]
+            elif flask.has_request_context():
                 current: RequestContext = cast(Any, request_ctx)._get_current_object()
                 self.request = _request_for_task(current.request)
                 self.session = current.session
