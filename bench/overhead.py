@@ -2,9 +2,17 @@
 
 Run from the repository root::
 
-    python bench/overhead.py                 # full run (~2-4 minutes on 2 cores)
+    python bench/overhead.py                 # full run (~5 minutes on 2 cores)
     python bench/overhead.py --quick         # smoke run for CI (< 60 s), prints the table
     python bench/overhead.py --compare-python /path/to/venv-with-1.0/bin/python
+    python bench/overhead.py --repo /tmp/a --compare-repo /tmp/b   # A/B of two versions
+
+``--repo``/``--compare-repo`` name directories holding a ``flask_executor.py``: freeze
+a version with ``git show REV:flask_executor.py > /tmp/a/flask_executor.py`` so that
+edits made while the benchmark runs do not mix versions (the header warns when the
+measured module changed during the run).  The table also gives CPU time, and
+``paired``: the median of the per-round ratios, steadier than the ratio of medians
+when the machine's load drifts.
 
 Every measurement runs in a fresh child process (``python bench/overhead.py
 --child ...``), so that import state, thread pools, the allocator and the GC of
