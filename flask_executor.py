@@ -341,8 +341,6 @@ class Executor(concurrent.futures.Executor):
         if config.kind == "sync":
             task.run()
             return
-        if config.kind == "process":
-            _check_picklable(task.fn)
         slots = self._slots
         if slots is not None and not _take_slot(slots, config.queue_timeout):
             raise QueueFull(
@@ -375,8 +373,8 @@ class Executor(concurrent.futures.Executor):
         if self._runs_tasks_here:
             call = (task.run,)
         else:
-            if config.kind == "foreign" and isinstance(pool, concurrent.futures.ProcessPoolExecutor):
-                _check_picklable(task.fn)
+            if isinstance(pool, concurrent.futures.ProcessPoolExecutor):
+                _check_picklable(task.fn)  # others (Dask, loky) may serialize what pickle cannot
             app_reference = (config.app_key, config.process_app) if config.push_app_context else None
             # A unique id in every call to a configured executor: some (Dask's) run a
             # call only once when it is submitted again with the same arguments.
