@@ -24,9 +24,12 @@ Environment variables: ``PORT`` (5000), ``HOST`` (127.0.0.1), ``DATABASE_URL``
 (``FLASK_LONG_EXECUTOR_MAX_WORKERS=4``, ``FLASK_CPU_EXECUTOR_MP_CONTEXT=spawn``).
 """
 
+import csv
 import email
 import email.policy
+import io
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -57,6 +60,7 @@ from flask import (
 )
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.exc import IntegrityError
+from werkzeug.exceptions import BadRequest, HTTPException
 
 from flask_executor import Executor, report_progress
 
@@ -235,12 +239,44 @@ def task_info(key, with_result=True):
             "fraction": fraction,
             "percent": None if fraction is None else round(fraction * 100),
         }
-    if with_result and info["state"] == "finished":
-        info["result"] = futures.result(key, timeout=0)
+    result = None
+    if info["state"] == "finished":
+        result = futures.result(key, timeout=0)
+        if with_result:
+            info["result"] = result
     elif info["state"] == "failed":
         exc = futures.exception(key, timeout=0)
         info["error"] = f"{type(exc).__name__}: {exc}"
+    info["detail"] = task_detail(info, result)
     return info
+
+
+def plural(count, word):
+    return f"{count:,} {word}{'' if count == 1 else 's'}"
+
+
+def task_detail(info, result):
+    """One line for the status page: what the task did, or why it did not."""
+    state, key, progress = info["state"], info["key"], info["progress"]
+    if state == "failed":
+        return info["error"]
+    if state == "cancelled":
+        return "cancelled before it ran"
+    if state == "finished":
+        if key.startswith("csv-") and isinstance(result, dict):
+            columns = len(result["columns"]) + len(result["non_numeric"])
+            return (
+                f"{result['name'] or 'CSV file'}: {plural(result['rows'], 'row')}, "
+                f"{plural(columns, 'column')} ({len(result['columns'])} numeric)"
+            )
+        if key.startswith("primes-") and progress is None and isinstance(result, int):
+            return f"{result:,} primes"
+        if progress is not None and progress["message"]:
+            return progress["message"]
+        return "" if result is None else str(result)  # send_confirmation: "mailed <address>"
+    if progress is not None and progress["message"]:
+        return progress["message"]
+    return "waiting for a worker" if state == "pending" else ""
 
 
 def all_tasks(with_result=False):
@@ -251,6 +287,138 @@ def all_tasks(with_result=False):
             if info is not None:
                 tasks.append(info)
     return tasks
+
+
+# --------------------------------------------------------------------------
+# Validation of what clients send
+# --------------------------------------------------------------------------
+
+
+class InputError(Exception):
+    """Bad input: answered with ``status`` (400) and ``{"error": message}``, or with the form
+    page showing the message when a browser posted the form."""
+
+    def __init__(self, message, field=None, status=400):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.status = status
+
+
+def json_kind(value):
+    """The JSON name of the type of ``value``, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def shown(value, width=40):
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def request_fields(allowed):
+    """The fields of the request: a JSON object, or form fields. Raises InputError for a body
+    that is not a JSON object, and for fields not in ``allowed``."""
+    if request.is_json:
+        try:
+            data = request.get_json()
+        except BadRequest:
+            raise InputError("the request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise InputError(f"the request body must be a JSON object, not {json_kind(data)}")
+    else:
+        data = request.form.to_dict()  # the first value of each field
+    unknown = [name for name in data if name not in allowed]
+    if unknown:
+        raise InputError(
+            f"unknown field {', '.join(map(repr, unknown))}: the fields are {', '.join(allowed)}",
+            field=unknown[0],
+        )
+    return data
+
+
+def number_field(data, name, default, low, high, integer=False):
+    """``data[name]`` (or ``default``) as a number from ``low`` to ``high``; a JSON number or
+    a string (form fields are strings). Raises InputError when it is not."""
+    value = data.get(name, default)
+    kind = "a whole number" if integer else "a number"
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise InputError(f"{name} must be {kind}, not {shown(value)}", field=name) from None
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = value
+    else:
+        raise InputError(f"{name} must be {kind}, not {json_kind(value)}", field=name)
+    # Also refuses NaN and infinities: float() accepts "nan" and "inf", and JSON NaN, Infinity
+    # and 1e400 arrive as floats. (No math.isfinite(): it overflows on a 400-digit JSON integer.)
+    if not low <= number <= high:
+        raise InputError(f"{name} must be from {low:,} to {high:,}, not {shown(value)}", field=name)
+    if integer:
+        if number != int(number):
+            raise InputError(f"{name} must be a whole number, not {shown(value)}", field=name)
+        return int(number)
+    return float(number)
+
+
+def text_field(data, name, max_length):
+    """``data[name]`` as a non-empty string of at most ``max_length`` characters, stripped."""
+    value = data.get(name)
+    if value is None:
+        raise InputError(f"{name} is missing", field=name)
+    if not isinstance(value, str):
+        raise InputError(f"{name} must be a string, not {json_kind(value)}", field=name)
+    value = value.strip()
+    if not value:
+        raise InputError(f"{name} is empty", field=name)
+    if len(value) > max_length:
+        raise InputError(f"{name} is longer than {max_length} characters", field=name)
+    return value
+
+
+# One "@", something on each side, no spaces or control characters (they would end up in a
+# mail header). Deliverability is the mail server's business.
+EMAIL_RE = re.compile(r"[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+")
+CSV_EXTENSIONS = (".csv", ".txt")
+
+
+def read_csv_upload(upload):
+    """The text of an uploaded CSV file; InputError for no file, an empty, binary or non-UTF-8
+    file, and a file that is not CSV."""
+    if upload is None or not upload.filename:
+        raise InputError("no file: choose a CSV file", field="file")
+    name = upload.filename
+    if not name.lower().endswith(CSV_EXTENSIONS):
+        raise InputError(f"{name} is not a CSV file: expected a .csv or .txt file", field="file")
+    raw = upload.read()
+    if b"\x00" in raw:
+        raise InputError(f"{name} is not a CSV file: it holds binary data", field="file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError(f"{name} is not UTF-8 text", field="file") from None
+    if not text.strip():
+        raise InputError(f"{name} is empty", field="file")
+    try:
+        next(csv.reader(io.StringIO(text)))  # the header row; the rest is the worker's job
+    except csv.Error as exc:
+        raise InputError(f"{name} is not a CSV file: {exc}", field="file") from None
+    return name, text
+
+
+def wants_json():
+    accept = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return request.is_json or accept == "application/json"
 
 
 # --------------------------------------------------------------------------
@@ -293,6 +461,36 @@ def create_app(config=None):
     def inject_nav():
         return {"mail_sink": app.config["MAIL_SINK"] is not None}
 
+    # The form endpoints answer bad input with their page (status 400) showing what was wrong,
+    # or, for a JSON request or one that accepts JSON rather than HTML, with {"error": ...}.
+    # Every /api/ endpoint answers with JSON.
+    def error_response(message, status, field=None, form=None):
+        render_page = form_pages.get(request.endpoint)
+        if render_page is None or wants_json():
+            body = {"error": message}
+            if field is not None:
+                body["field"] = field
+            return body, status
+        flash(message, "error")
+        return render_page(form), status
+
+    @app.errorhandler(InputError)
+    def input_error(exc):
+        # The form was read before the error, so the page can show what was typed.
+        form = None if request.is_json else request.form
+        return error_response(exc.message, exc.status, exc.field, form)
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        if not (request.path.startswith("/api/") or request.endpoint in form_pages or wants_json()):
+            return exc
+        if exc.code == 413:
+            limit = app.config["MAX_CONTENT_LENGTH"]
+            message = f"the request is larger than the limit of {limit / 2**20:g} MiB"
+        else:
+            message = f"{exc.name}: {exc.description}"
+        return error_response(message, exc.code)
+
     @app.get("/")
     def index():
         return render_template("index.html")
@@ -303,27 +501,31 @@ def create_app(config=None):
 
     # ---- sign-up ---------------------------------------------------------
     @app.get("/signup")
-    def signup_page():
+    def signup_page(form=None):
         users = db.session.scalars(db.select(User).order_by(User.id)).all()
-        return render_template("signup.html", users=users)
+        return render_template("signup.html", users=users, form=form or {})
 
     @app.post("/signup")
     def signup():
-        name = request.form.get("name", "").strip()
-        address = request.form.get("email", "").strip()
-        if not name or "@" not in address:
-            flash("Please give a name and an email address.", "error")
-            return redirect(url_for("signup_page"))
+        data = request_fields(("name", "email"))
+        name = text_field(data, "name", User.name.type.length)
+        address = text_field(data, "email", User.email.type.length)
+        if not EMAIL_RE.fullmatch(address):
+            raise InputError(f"{shown(address)} is not an email address", field="email")
         user = User(name=name, email=address)
         db.session.add(user)
         try:
             db.session.commit()
         except IntegrityError:
             db.session.rollback()
-            flash(f"{address} is already signed up.", "error")
-            return redirect(url_for("signup_page"))
+            raise InputError(f"{address} is already signed up", field="email", status=409) from None
+        mail_task = None
         if app.config["MAIL_SERVER"]:
-            executor.submit_stored(f"mail-{user.id}", send_confirmation, user.id)
+            mail_task = f"mail-{user.id}"
+            executor.submit_stored(mail_task, send_confirmation, user.id)
+        if wants_json():
+            return {"user": user.to_dict(), "mail_task": mail_task}, 201
+        if mail_task:
             flash(f"Welcome {name}! A confirmation mail is on its way.", "ok")
         else:
             flash("No MAIL_SERVER configured: no mail sent.", "error")
@@ -348,24 +550,18 @@ def create_app(config=None):
 
     # ---- CSV statistics on the process pool -----------------------------
     @app.get("/csv")
-    def csv_page():
+    def csv_page(form=None):
         return render_template("csv.html")
 
     @app.post("/csv")
     def csv_upload():
-        upload = request.files.get("file")
-        if upload is None or not upload.filename:
-            flash("Choose a CSV file first.", "error")
-            return redirect(url_for("csv_page"))
-        try:
-            text = upload.read().decode("utf-8-sig")
-        except UnicodeDecodeError:
-            flash("The file is not UTF-8 text.", "error")
-            return redirect(url_for("csv_page"))
+        name, text = read_csv_upload(request.files.get("file"))
         key = new_key("csv")
         # Only the text travels to the worker process, never request.files.
-        cpu_executor.submit_stored(key, csv_stats, text)
-        return redirect(url_for("csv_result", key=key, name=upload.filename))
+        cpu_executor.submit_stored(key, csv_stats, text, name)
+        if wants_json():
+            return {"key": key, "name": name}, 202
+        return redirect(url_for("csv_result", key=key, name=name))
 
     @app.get("/csv/<key>")
     def csv_result(key):
@@ -386,13 +582,10 @@ def create_app(config=None):
 
     @app.post("/api/long")
     def api_long_start():
-        data = request.get_json(silent=True) or request.form
-        try:
-            limit = min(max(int(data.get("limit", 2_000_000)), 2), 50_000_000)
-            steps = min(max(int(data.get("steps", 20)), 1), 200)
-            delay = min(max(float(data.get("delay", 0.25)), 0.0), 5.0)
-        except (TypeError, ValueError):
-            return {"error": "limit, steps and delay must be numbers"}, 400
+        data = request_fields(("limit", "steps", "delay"))  # each optional
+        limit = number_field(data, "limit", 2_000_000, 2, 50_000_000, integer=True)
+        steps = number_field(data, "steps", 20, 1, 200, integer=True)
+        delay = number_field(data, "delay", 0.25, 0, 5)
         key = new_key("primes")
         long_executor.submit_stored(key, prime_task, limit, steps, delay)
         return {"key": key, "limit": limit, "steps": steps, "delay": delay}, 202
@@ -425,6 +618,8 @@ def create_app(config=None):
     def status_page():
         return render_template("status.html", tasks=all_tasks(), executors=EXECUTORS)
 
+    # The pages that show the errors of the forms posted to these endpoints.
+    form_pages = {"signup": signup_page, "csv_upload": csv_page}
     return app
 
 

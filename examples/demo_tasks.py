@@ -22,50 +22,61 @@ def _number(text):
     return value if math.isfinite(value) else None
 
 
-def csv_stats(text):
+def _mean(data):
+    try:
+        return statistics.fmean(data)
+    except OverflowError:  # the sum of values near the float maximum overflows; their mean does not
+        return math.fsum(value / len(data) for value in data)
+
+
+def csv_stats(text, name=None):
     """Return count, mean, min and max of every numeric column of ``text``.
 
     A column is numeric when each of its non-empty cells parses as a number.
-    The result is plain data (it is pickled back to the web process)::
+    ``columns`` lists the numeric columns and ``non_numeric`` the names of the
+    others, both in the order of the file.  The result is plain data (it is
+    pickled back to the web process)::
 
-        {"rows": 3, "columns": {"price": {"count": 3, "mean": 2.0, ...}},
-         "non_numeric": ["name"], "pid": 4242}
+        {"name": "prices.csv", "rows": 3,
+         "columns": [{"name": "price", "count": 3, "mean": 2.0, "min": 1.0, "max": 3.0}],
+         "non_numeric": ["item"], "pid": 4242}
     """
     reader = csv.reader(io.StringIO(text))
     header = next(reader, None)
     if not header:
         raise ValueError("the CSV file is empty")
-    header = [name.strip() or f"column {i + 1}" for i, name in enumerate(header)]
-    values = {name: [] for name in header}
-    numeric = dict.fromkeys(header, True)
+    header = [title.strip() or f"column {i + 1}" for i, title in enumerate(header)]
+    # By position, not by name: two columns may have the same name.
+    values = [[] for _ in header]
+    numeric = [True] * len(header)
     rows = 0
     for row in reader:
         if not any(cell.strip() for cell in row):
             continue
         rows += 1
-        for name, cell in zip(header, row):
+        for i, cell in enumerate(row[: len(header)]):
             cell = cell.strip()
-            if not cell or not numeric[name]:
+            if not cell or not numeric[i]:
                 continue
             number = _number(cell)
             if number is None:
-                numeric[name] = False
+                numeric[i] = False
             else:
-                values[name].append(number)
-    columns = {}
-    for name in header:
-        data = values[name]
-        if numeric[name] and data:
-            columns[name] = {
-                "count": len(data),
-                "mean": statistics.fmean(data),
-                "min": min(data),
-                "max": max(data),
-            }
+                values[i].append(number)
+    columns, non_numeric = [], []
+    for i, title in enumerate(header):
+        data = values[i]
+        if numeric[i] and data:
+            columns.append(
+                {"name": title, "count": len(data), "mean": _mean(data), "min": min(data), "max": max(data)}
+            )
+        else:
+            non_numeric.append(title)
     return {
+        "name": name,
         "rows": rows,
         "columns": columns,
-        "non_numeric": [name for name in header if name not in columns],
+        "non_numeric": non_numeric,
         "pid": os.getpid(),  # shows that a worker process did the work
     }
 

@@ -14,8 +14,11 @@ Run from the repository root::
     python -m pytest examples/test_demo.py -rs
 """
 
+import html
 import io
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -57,6 +60,25 @@ CSV_EXPECTED = {
     "temperature": ["temperature", "4", "16.25", "4.5", "30.5"],
     "rain": ["rain", "3", "4", "0", "10"],
 }
+# Values that a formatter can get wrong: whole and fractional parts of 6+ digits, tiny and
+# huge magnitudes, negatives, and float noise (0.1 + 0.2 is 0.30000000000000004).
+CSV_NUMBERS = (
+    "big,small,tiny,negative,noise,huge\n"
+    "100000.2,0.5,0.0000001,-3,0.1,1234567.891\n"
+    "100000,0.25,2e-7,-1.5,0.2,2.5e21\n"
+)
+CSV_NUMBERS_EXPECTED = {  # name, count, mean, min, max
+    "big": ["big", "2", "100000.1", "100000", "100000.2"],
+    "small": ["small", "2", "0.375", "0.25", "0.5"],
+    "tiny": ["tiny", "2", "1.5e-7", "1e-7", "2e-7"],
+    "negative": ["negative", "2", "-2.25", "-3", "-1.5"],
+    "noise": ["noise", "2", "0.15", "0.1", "0.2"],
+    "huge": ["huge", "2", "1.25e+21", "1234567.891", "2.5e+21"],
+}
+# Columns whose sorted order (and JavaScript's own key order: "10" and "2021" first) differs
+# from the file's order.
+CSV_ORDER_TEXT = "zeta,alpha,2021,name,10,mid\n1,2,3,x,4,5\n6,7,8,y,9,10\n"
+CSV_ORDER_NUMERIC = ["zeta", "alpha", "2021", "10", "mid"]
 
 
 # --------------------------------------------------------------------------
@@ -293,7 +315,8 @@ def test_csv_statistics_on_process_pool(page, server, tmp_path):
     key = page.url.rsplit("/csv/", 1)[1].split("?")[0]
     info = task_json(page, key)
     assert info["executor"] == "cpu" and info["state"] == "finished"
-    assert info["result"]["columns"]["temperature"] == {
+    assert info["result"]["columns"][0] == {
+        "name": "temperature",
         "count": 4,
         "mean": 16.25,
         "min": 4.5,
@@ -401,6 +424,58 @@ def test_status_page_lists_stored_tasks(page, tmp_path):
     page.screenshot(path=str(tmp_path / "status.png"))
 
 
+def upload_in_browser(page, name, data, mime="text/csv"):
+    page.goto("/csv")
+    page.set_input_files("input[type=file]", files=[{"name": name, "mimeType": mime, "buffer": data}])
+    page.click("#csv-form button[type=submit]")
+
+
+def test_csv_page_shows_numbers_in_full(page, tmp_path):
+    upload_in_browser(page, "numbers.csv", CSV_NUMBERS.encode())
+    page.wait_for_url("**/csv/csv-*")
+    expect(page.locator("#state")).to_have_text("finished")
+    for column, cells in CSV_NUMBERS_EXPECTED.items():
+        expect(page.locator(f'#stats tr[data-column="{column}"] td')).to_have_text(cells)
+    page.screenshot(path=str(tmp_path / "csv-numbers.png"))
+    # the page's formatter on more values than a small CSV file holds
+    values = [100000.2, 100000, 0.5, -3, 1e-7, 0, -0.000123, 0.1 + 0.2, 1 / 3, 123456789.125, 1e21, -2.5e-300]
+    shown = page.evaluate("values => values.map(fmt)", values)
+    assert shown == [
+        "100000.2",
+        "100000",
+        "0.5",
+        "-3",
+        "1e-7",
+        "0",
+        "-0.000123",
+        "0.3",
+        "0.333333333333333",
+        "123456789.125",
+        "1e+21",
+        "-2.5e-300",
+    ]
+
+
+def test_csv_page_lists_columns_in_file_order(page):
+    upload_in_browser(page, "order.csv", CSV_ORDER_TEXT.encode())
+    page.wait_for_url("**/csv/csv-*")
+    expect(page.locator("#state")).to_have_text("finished")
+    rows = page.locator("#stats tbody tr")
+    expect(rows).to_have_count(len(CSV_ORDER_NUMERIC))
+    assert rows.evaluate_all("rows => rows.map(r => r.dataset.column)") == CSV_ORDER_NUMERIC
+    expect(page.locator("#summary")).to_contain_text("(not numeric: name)")
+
+
+def test_csv_form_shows_why_an_upload_is_refused(page):
+    upload_in_browser(page, "photo.png", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", mime="image/png")
+    expect(page.locator(".flash.error")).to_have_text(
+        "photo.png is not a CSV file: expected a .csv or .txt file"
+    )
+    upload_in_browser(page, "empty.csv", b"")
+    expect(page.locator(".flash.error")).to_have_text("empty.csv is empty")
+    assert "/csv/" not in page.url  # no task, no result page
+
+
 # --------------------------------------------------------------------------
 # API tests with Flask's test client (no browser, no subprocess)
 # --------------------------------------------------------------------------
@@ -442,6 +517,35 @@ def poll_task(client, key, states=("finished", "failed", "cancelled"), timeout=3
     return wait_until(check, timeout, what=f"{key} in {states}")
 
 
+def upload_csv(client, text, name="data.csv"):
+    """POST a CSV file as the form does; the key of the task it started."""
+    data = text.encode() if isinstance(text, str) else text
+    response = client.post(
+        "/csv", data={"file": (io.BytesIO(data), name)}, content_type="multipart/form-data"
+    )
+    assert response.status_code == 302, response.get_data(as_text=True)
+    return response.headers["Location"].split("/csv/", 1)[1].split("?")[0]
+
+
+def task_count(client, executor):
+    return len([t for t in client.get("/api/tasks").get_json() if t["executor"] == executor])
+
+
+def flash_errors(response):
+    """The error messages an HTML page shows."""
+    found = re.findall(r'<div class="flash error">(.*?)</div>', response.get_data(as_text=True), re.S)
+    return [html.unescape(message) for message in found]
+
+
+def status_detail(client, key):
+    """The Detail cell of ``key`` on the status page."""
+    page = client.get("/status").get_data(as_text=True)
+    row = re.search(rf'<tr data-key="{re.escape(key)}">(.*?)</tr>', page, re.S)
+    assert row, f"{key} is not on the status page"
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row.group(1), re.S)
+    return html.unescape(cells[-1]).strip()
+
+
 def test_api_pages_render(client):
     for path in ("/", "/signup", "/csv", "/long", "/status", "/mails"):
         response = client.get(path)
@@ -479,7 +583,8 @@ def test_api_csv_stats(client):
     assert info["state"] == "finished", info
     result = info["result"]
     assert result["rows"] == 4 and result["non_numeric"] == ["city"]
-    assert result["columns"]["rain"] == {
+    assert result["columns"][1] == {
+        "name": "rain",
         "count": 3,
         "mean": 4.0,
         "min": 0.0,
@@ -488,15 +593,18 @@ def test_api_csv_stats(client):
     assert result["pid"] != os.getpid()
 
 
-def test_api_csv_bad_input_fails_cleanly(client):
-    response = client.post(
-        "/csv",
-        data={"file": (io.BytesIO(b""), "empty.csv")},
-        content_type="multipart/form-data",
-    )
-    key = response.headers["Location"].split("/csv/", 1)[1].split("?")[0]
+def test_api_csv_error_in_worker_fails_task_cleanly(client):
+    # The view checks the header row only; a malformed later row fails in the worker process.
+    text = "a,b\n1," + "x" * 200_000 + "\n"  # a field longer than csv.field_size_limit()
+    key = upload_csv(client, text, "long-field.csv")
     info = poll_task(client, key)
-    assert info["state"] == "failed" and "empty" in info["error"], info
+    assert info["state"] == "failed", info
+    assert info["error"] == "Error: field larger than field limit (131072)", info
+    # csv_stats itself still refuses empty text (the view no longer submits it)
+    from demo_tasks import csv_stats
+
+    with pytest.raises(ValueError, match="empty"):
+        csv_stats("")
 
 
 def test_api_long_progress_and_cancel(client):
@@ -532,3 +640,270 @@ def test_api_long_progress_and_cancel(client):
     assert client.get(f"/api/tasks/{keys[2]}").get_json()["progress"] is None
     bad = client.post("/api/long", json={"limit": "many"})
     assert bad.status_code == 400
+
+
+# ---- bad input: a 4xx answer saying what was wrong, never a 500 ---------------
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ("[1, 2]", "the request body must be a JSON object, not an array"),
+        ("[]", "the request body must be a JSON object, not an array"),
+        ("null", "the request body must be a JSON object, not null"),
+        ("0", "the request body must be a JSON object, not a number"),
+        ('"limit=5"', "the request body must be a JSON object, not a string"),
+        ("true", "the request body must be a JSON object, not a boolean"),
+        ("{limit: 5}", "the request body is not valid JSON"),
+        ("", "the request body is not valid JSON"),
+        ('{"limit": 1' + "0" * 5000 + "}", "the request body is not valid JSON"),  # over int's digit limit
+    ],
+)
+def test_api_long_rejects_json_that_is_not_an_object(client, body, error):
+    before = task_count(client, "long")
+    response = client.post("/api/long", data=body, content_type="application/json")
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert response.get_json() == {"error": error}
+    assert task_count(client, "long") == before, "bad input must not start a task"
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "error"),
+    [
+        ('{"limit": "many"}', "limit", "limit must be a whole number, not 'many'"),
+        ('{"limit": null}', "limit", "limit must be a whole number, not null"),
+        ('{"limit": true}', "limit", "limit must be a whole number, not a boolean"),
+        ('{"limit": [1000]}', "limit", "limit must be a whole number, not an array"),
+        ('{"limit": {"value": 1000}}', "limit", "limit must be a whole number, not an object"),
+        ('{"limit": 2.5}', "limit", "limit must be a whole number, not 2.5"),
+        ('{"limit": -5}', "limit", "limit must be from 2 to 50,000,000, not -5"),
+        ('{"limit": 1e30}', "limit", "limit must be from 2 to 50,000,000, not 1e+30"),
+        ('{"limit": 1e400}', "limit", "limit must be from 2 to 50,000,000, not inf"),
+        (
+            '{"limit": 1' + "0" * 400 + "}",
+            "limit",
+            "limit must be from 2 to 50,000,000, not 1" + "0" * 38 + "…",  # cut to 40 characters
+        ),
+        ('{"limit": "Infinity"}', "limit", "limit must be from 2 to 50,000,000, not 'Infinity'"),
+        ('{"steps": 0}', "steps", "steps must be from 1 to 200, not 0"),
+        ('{"steps": 201}', "steps", "steps must be from 1 to 200, not 201"),
+        ('{"delay": -0.5}', "delay", "delay must be from 0 to 5, not -0.5"),
+        ('{"delay": NaN}', "delay", "delay must be from 0 to 5, not nan"),
+        ('{"delay": "nan"}', "delay", "delay must be from 0 to 5, not 'nan'"),
+        ('{"delay": 1e9}', "delay", "delay must be from 0 to 5, not 1000000000.0"),
+        ('{"limt": 1000}', "limt", "unknown field 'limt': the fields are limit, steps, delay"),
+    ],
+)
+def test_api_long_rejects_bad_values(client, body, field, error):
+    before = task_count(client, "long")
+    response = client.post("/api/long", data=body, content_type="application/json")
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert response.get_json() == {"error": error, "field": field}
+    assert task_count(client, "long") == before, "bad input must not start a task"
+
+
+def test_api_long_checks_form_fields_too(client):
+    response = client.post("/api/long", data={"limit": "", "steps": "2", "delay": "0"})
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "limit must be a whole number, not ''", "field": "limit"}
+    response = client.post("/api/long", data={"limit": "1000", "steps": "-1", "delay": "0"})
+    assert response.get_json() == {"error": "steps must be from 1 to 200, not '-1'", "field": "steps"}
+    # numbers as JSON numbers or as strings (what the page sends), whole floats for integers
+    response = client.post("/api/long", json={"limit": "1e3", "steps": 2.0, "delay": "0"})
+    assert response.status_code == 202, response.get_data(as_text=True)
+    body = response.get_json()
+    assert (body["limit"], body["steps"], body["delay"]) == (1000, 2, 0.0)
+    assert poll_task(client, body["key"])["result"] == 168
+
+
+def test_api_errors_are_json(client):
+    response = client.get("/api/long")
+    assert response.status_code == 405
+    assert response.get_json()["error"].startswith("Method Not Allowed")
+    response = client.get("/api/nothing-here")
+    assert response.status_code == 404 and response.get_json()["error"].startswith("Not Found")
+
+
+def users_named(client, email):
+    return [u for u in client.get("/api/users").get_json() if u["email"] == email]
+
+
+@pytest.mark.parametrize(
+    ("form", "field", "error"),
+    [
+        ({"email": "x@example.com"}, "name", "name is missing"),
+        ({"name": "X"}, "email", "email is missing"),
+        ({"name": "   ", "email": "x@example.com"}, "name", "name is empty"),
+        ({"name": "X" * 101, "email": "x@example.com"}, "name", "name is longer than 100 characters"),
+        (
+            {"name": "X", "email": "x" * 190 + "@example.com"},
+            "email",
+            "email is longer than 200 characters",
+        ),
+        ({"name": "X", "email": "no-at-sign"}, "email", "'no-at-sign' is not an email address"),
+        ({"name": "X", "email": "x@"}, "email", "'x@' is not an email address"),
+        ({"name": "X", "email": "@example.com"}, "email", "'@example.com' is not an email address"),
+        ({"name": "X", "email": "x y@example.com"}, "email", "'x y@example.com' is not an email address"),
+        (  # a line break would add a header to the mail
+            {"name": "X", "email": "x@example.com\r\nBcc: y@example.com"},
+            "email",
+            "'x@example.com\\r\\nBcc: y@example.com' is not an email address",
+        ),
+        (
+            {"name": "X", "email": "x@example.com", "admin": "1"},
+            "admin",
+            "unknown field 'admin': the fields are name, email",
+        ),
+    ],
+)
+def test_api_signup_rejects_bad_input(client, form, field, error):
+    before = client.get("/api/users").get_json()
+    # a browser posting the form: the sign-up page, status 400, with the message and what was typed
+    response = client.post("/signup", data=form)
+    assert response.status_code == 400, response.status
+    assert flash_errors(response) == [error]
+    if field == "name" and form.get("name", "").strip():
+        assert f'value="{form["name"]}"' in response.get_data(as_text=True)
+    # a client asking for JSON gets the message as JSON
+    response = client.post("/signup", data=form, headers={"Accept": "application/json"})
+    assert response.status_code == 400
+    assert response.get_json() == {"error": error, "field": field}
+    assert client.get("/api/users").get_json() == before, "bad input must not store a user"
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ('["Ada", "ada@example.com"]', "the request body must be a JSON object, not an array"),
+        ('"Ada"', "the request body must be a JSON object, not a string"),
+        ("not json", "the request body is not valid JSON"),
+    ],
+)
+def test_api_signup_rejects_json_that_is_not_an_object(client, body, error):
+    response = client.post("/signup", data=body, content_type="application/json")
+    assert response.status_code == 400
+    assert response.get_json() == {"error": error}
+
+
+def test_api_signup_wrong_types_and_duplicates(client):
+    response = client.post("/signup", json={"name": ["Ada"], "email": "ada@example.com"})
+    assert response.status_code == 400
+    assert response.get_json() == {"error": "name must be a string, not an array", "field": "name"}
+    address = f"lin-{uuid.uuid4().hex[:6]}@example.com"
+    response = client.post("/signup", json={"name": "Lin", "email": address})
+    assert response.status_code == 201, response.get_data(as_text=True)
+    assert response.get_json()["user"]["email"] == address
+    again = client.post("/signup", json={"name": "Lin", "email": address})
+    assert again.status_code == 409
+    assert again.get_json() == {"error": f"{address} is already signed up", "field": "email"}
+    again = client.post("/signup", data={"name": "Lin", "email": address})
+    assert again.status_code == 409 and flash_errors(again) == [f"{address} is already signed up"]
+    assert len(users_named(client, address)) == 1
+
+
+PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01"
+
+
+@pytest.mark.parametrize(
+    ("upload", "error"),
+    [
+        (None, "no file: choose a CSV file"),
+        ((b"a,b\n1,2\n", ""), "no file: choose a CSV file"),
+        ((b"", "empty.csv"), "empty.csv is empty"),
+        ((b"\n  \r\n\n", "blank.csv"), "blank.csv is empty"),
+        ((b"\xef\xbb\xbf", "bom.csv"), "bom.csv is empty"),
+        ((PNG, "photo.png"), "photo.png is not a CSV file: expected a .csv or .txt file"),
+        ((b'{"a": 1}', "data.json"), "data.json is not a CSV file: expected a .csv or .txt file"),
+        ((PNG, "photo.csv"), "photo.csv is not a CSV file: it holds binary data"),
+        (("prix,été\n1,2\n".encode("latin-1"), "latin1.csv"), "latin1.csv is not UTF-8 text"),
+    ],
+)
+def test_api_csv_rejects_bad_uploads(client, upload, error):
+    def post(**kwargs):  # the test client closes the file it sends: a new one each time
+        data = {} if upload is None else {"file": (io.BytesIO(upload[0]), upload[1])}
+        return client.post("/csv", data=data, content_type="multipart/form-data", **kwargs)
+
+    before = task_count(client, "cpu")
+    # a browser posting the form: the upload page, status 400, with the message
+    response = post()
+    assert response.status_code == 400, response.status
+    assert flash_errors(response) == [error]
+    # a client asking for JSON gets the message as JSON
+    response = post(headers={"Accept": "application/json"})
+    assert response.status_code == 400
+    assert response.get_json() == {"error": error, "field": "file"}
+    assert task_count(client, "cpu") == before, "bad input must not start a task"
+
+
+def test_api_csv_too_large_upload_answers_413_with_message(client):
+    def post(**kwargs):
+        big = io.BytesIO(b"a\n" + b"1\n" * (1024 * 1024 + 1))  # over the 2 MiB MAX_CONTENT_LENGTH
+        return client.post(
+            "/csv", data={"file": (big, "big.csv")}, content_type="multipart/form-data", **kwargs
+        )
+
+    response = post(headers={"Accept": "application/json"})
+    assert response.status_code == 413
+    assert response.get_json() == {"error": "the request is larger than the limit of 2 MiB"}
+    response = post()
+    assert response.status_code == 413
+    assert flash_errors(response) == ["the request is larger than the limit of 2 MiB"]
+
+
+def test_api_csv_huge_values_keep_their_mean(client):
+    info = poll_task(client, upload_csv(client, "x\n1e308\n1.5e308\n-2\n"))
+    assert info["state"] == "finished", info  # the sum overflows a float; the mean does not
+    column = info["result"]["columns"][0]
+    assert column["mean"] == pytest.approx(1e308 / 3 + 1.5e308 / 3 - 2 / 3)
+    assert (column["min"], column["max"]) == (-2, 1.5e308)
+
+
+# ---- CSV columns in the file's order --------------------------------------
+
+
+def test_api_csv_columns_in_file_order(client):
+    info = poll_task(client, upload_csv(client, CSV_ORDER_TEXT, "order.csv"))
+    assert info["state"] == "finished", info
+    result = info["result"]
+    assert [column["name"] for column in result["columns"]] == CSV_ORDER_NUMERIC
+    assert result["non_numeric"] == ["name"]
+    # the JSON text itself lists them in that order (the page reads it as it comes)
+    raw = client.get(f"/api/tasks/{info['key']}").get_data(as_text=True)
+    positions = [raw.index(f'"name":{json.dumps(name)}') for name in CSV_ORDER_NUMERIC]
+    assert positions == sorted(positions)
+
+
+def test_api_csv_duplicate_column_names_stay_apart(client):
+    info = poll_task(client, upload_csv(client, "a,b,a\n1,2,30\n3,4,50\n"))
+    columns = info["result"]["columns"]
+    assert [(c["name"], c["min"], c["max"]) for c in columns] == [("a", 1, 3), ("b", 2, 4), ("a", 30, 50)]
+
+
+# ---- the status page says what each task did -------------------------------
+
+
+def test_status_detail_describes_finished_and_failed_tasks(client):
+    # a mail task: the address it went to
+    address = f"mary-{uuid.uuid4().hex[:6]}@example.com"
+    response = client.post("/signup", data={"name": "Mary", "email": address})
+    assert response.status_code == 302
+    wait_until(lambda: [u for u in users_named(client, address) if u["mailed"]], 20, what="the mail")
+    (user,) = users_named(client, address)
+    mail_key = f"mail-{user['id']}"
+    poll_task(client, mail_key)
+    assert status_detail(client, mail_key) == f"mailed {address}"
+
+    # a CSV task: the file name, rows and columns
+    csv_key = upload_csv(client, CSV_TEXT, "weather.csv")
+    assert poll_task(client, csv_key)["state"] == "finished"
+    assert status_detail(client, csv_key) == "weather.csv: 4 rows, 3 columns (2 numeric)"
+
+    # a failed task: its error
+    failed_key = upload_csv(client, "a,b\n1," + "x" * 200_000 + "\n", "long-field.csv")
+    assert poll_task(client, failed_key)["state"] == "failed"
+    assert status_detail(client, failed_key) == "Error: field larger than field limit (131072)"
+
+    # /api/tasks carries the same text
+    details = {t["key"]: t.get("detail") for t in client.get("/api/tasks").get_json()}
+    assert details[mail_key] == f"mailed {address}"
+    assert details[csv_key] == "weather.csv: 4 rows, 3 columns (2 numeric)"
