@@ -5,7 +5,7 @@ request that submitted them returns. Tasks run inside the application context an
 when submitted during a request, inside a copy of the request context, so code that
 uses ``current_app``, ``g``, ``request`` or ``session`` works unchanged::
 
-    from flask import Flask
+    from flask import Flask, request
     from flask_executor import Executor
 
     app = Flask(__name__)
@@ -18,6 +18,11 @@ uses ``current_app``, ``g``, ``request`` or ``session`` works unchanged::
 
 Futures kept under a key (:meth:`Executor.submit_stored`) can be polled from a later
 request through :attr:`Executor.futures`.
+
+The module reads top to bottom: the public API in the order a user meets it, then
+Flask-Executor 1.0's import paths, then the private parts: the contexts a task runs
+in, the task itself, the pools that run tasks, the stores that keep futures, the
+configuration, and what happens when the process forks or exits.
 """
 
 from __future__ import annotations
@@ -27,11 +32,12 @@ import collections
 import concurrent.futures
 import contextvars
 import dataclasses
+import difflib
 import functools
+import heapq
 import importlib
 import itertools
 import logging
-import math
 import os
 import pickle
 import queue
@@ -43,15 +49,17 @@ import types
 import uuid
 import weakref
 from collections.abc import Callable, Coroutine, Hashable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, ParamSpec, TypeVar, cast, overload
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, ParamSpec, TypeVar, cast, overload
 
 import flask
+import flask.wrappers
 from flask.ctx import AppContext
 from flask.globals import app_ctx
+from werkzeug.datastructures import EnvironHeaders
+from werkzeug.local import LocalProxy
 
 if TYPE_CHECKING:
     from flask.ctx import RequestContext
-    from flask.wrappers import Request
 
 __all__ = [
     "Executor",
@@ -70,6 +78,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _logger = logging.getLogger(__name__)
+
+
+# Public API --------------------------------------------------------------------------
 
 
 class Executor(concurrent.futures.Executor):
@@ -101,23 +112,21 @@ class Executor(concurrent.futures.Executor):
         self._app: flask.Flask | None = None
         self._config = _read_config({}, name)
         self._default_done_callbacks: list[Callable[[concurrent.futures.Future[Any]], object]] = []
+        # None before init_app and after shutdown(); replaced whole, never changed in place.
         self._pool: _Pool | None = None
-        self._pool_lock = threading.Lock()
-        self._slots: threading.BoundedSemaphore | None = None
+        self._bound: _QueueBound | None = None
+        self._settings: _TaskSettings | None = None
         self._shut_down = False
-        self._task_settings: _TaskSettings | None = None
-        # Futures handed to a configured executor and not done yet, for shutdown().
-        self._handed_over: set[TaskFuture[Any]] = set()
-        # Whether tasks run in this process, in threads, and so get the contexts pushed.
-        self._runs_tasks_here = True
+        # Held to replace the pool: by init_app, shutdown and a new process.
+        self._lock = threading.Lock()
         _live_executors.add(self)
         if app is not None:
             self.init_app(app)
 
     def init_app(self, app: flask.Flask) -> None:
         """Reads this executor's configuration from ``app.config`` and binds the
-        executor to ``app``. A thread or process pool is made on the first submit, in
-        each process, so that an app loaded before a server forks works in every
+        executor to ``app``. Threads and processes are started on the first submit,
+        in each process, so that an app loaded before a server forks works in every
         worker. (A configured executor is made here, to check it.)
 
         Binding to another app later (an app factory in tests, say) rebinds it:
@@ -126,32 +135,35 @@ class Executor(concurrent.futures.Executor):
         :raises ValueError: a configuration value is invalid; the message names the
             key and the value. Nothing has changed when it is raised.
         """
+        if isinstance(app, LocalProxy):  # Executor(current_app), as 1.0 allowed
+            app = app._get_current_object()
         config = _read_config(app.config, self.name)
-        pool = _make_foreign_pool(config) if config.factory is not None else None
-        with self._pool_lock:
+        _warn_about_unknown_keys(app, config)
+        pool = _make_pool(config, self.name)
+        with self._lock:
             previous, self._pool = self._pool, pool
             self._app = app
             self._config = config
-            self._slots = _make_slots(config)
-            self._task_settings = _TaskSettings(app, config.push_app_context, config.log_exceptions)
-            self._runs_tasks_here = config.kind in ("thread", "sync") or isinstance(
-                pool, concurrent.futures.ThreadPoolExecutor
-            )
+            self._bound = _QueueBound.for_pool(config, pool)
+            self._settings = _TaskSettings(app, config.push_app_context, config.log_exceptions)
             self._shut_down = False
         self.futures.max_length = config.futures_max_length or None
         self.futures.logger = app.logger
         _apps_for_forked_workers[config.app_key] = app
         app.extensions[self.name + "executor"] = self
         if previous is not None:
-            self._shut_pool_down(previous, wait=False, cancel_futures=False)
+            previous.shutdown(wait=False, cancel_futures=False)
 
+    # Flask-Executor 1.0 took ``fn`` (and ``future_key``) by keyword too, and code
+    # written for it does so, hence *args here. Type checkers see the overloads, which
+    # keep them positional, so new code is checked against the function it submits.
     @overload
     def submit(
         self, fn: Callable[P, Coroutine[Any, Any, T]], /, *args: P.args, **kwargs: P.kwargs
     ) -> TaskFuture[T]: ...
     @overload
     def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> TaskFuture[T]: ...
-    def submit(self, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs) -> TaskFuture[Any]:
+    def submit(self, /, *args: Any, **kwargs: Any) -> TaskFuture[Any]:
         """Schedules ``fn(*args, **kwargs)`` and returns its :class:`TaskFuture`.
 
         ``fn`` may be an ``async def`` function: the future then holds what the
@@ -164,7 +176,8 @@ class Executor(concurrent.futures.Executor):
             not run.
         :raises RuntimeError: the executor was shut down, or was never bound to an app.
         """
-        return self._submit(None, fn, args, kwargs, self._capture_contexts())
+        (fn,), args = _split_1_0_call("submit", ("fn",), args, kwargs)
+        return self._submit(_NO_KEY, fn, args, kwargs, self._capture_contexts())
 
     @overload
     def submit_stored(
@@ -179,9 +192,7 @@ class Executor(concurrent.futures.Executor):
     def submit_stored(
         self, future_key: Hashable, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs
     ) -> TaskFuture[T]: ...
-    def submit_stored(
-        self, future_key: Hashable, fn: Callable[P, Any], /, *args: P.args, **kwargs: P.kwargs
-    ) -> TaskFuture[Any]:
+    def submit_stored(self, /, *args: Any, **kwargs: Any) -> TaskFuture[Any]:
         """Like :meth:`submit`, and keeps the future in :attr:`futures` under
         ``future_key`` so that a later request can ask about it::
 
@@ -190,8 +201,10 @@ class Executor(concurrent.futures.Executor):
             if executor.futures.done("report"):
                 return executor.futures.pop("report").result()
 
-        :raises ValueError: ``future_key`` is already stored. Nothing has run.
+        :raises ValueError: ``future_key`` is already in use, or is ``None``. Nothing
+            has run.
         """
+        (future_key, fn), args = _split_1_0_call("submit_stored", ("future_key", "fn"), args, kwargs)
         return self._submit(future_key, fn, args, kwargs, self._capture_contexts())
 
     @overload
@@ -233,13 +246,12 @@ class Executor(concurrent.futures.Executor):
         end_time = None if timeout is None else time.monotonic() + timeout
         contexts = self._capture_contexts()
         calls = zip(*iterables)
-        if chunksize > 1 and self._config.kind in ("process", "foreign"):
-            if self._config.kind == "process":
-                _check_picklable(fn)
-            chunks = iter(functools.partial(_take, calls, chunksize), [])
-            futures = [self._submit(None, _call_each, (fn, chunk), {}, contexts) for chunk in chunks]
+        batch = self._pool.batch_size(chunksize) if self._pool is not None else 1
+        if batch > 1:
+            chunks = iter(functools.partial(_take, calls, batch), [])
+            futures = [self._submit(_NO_KEY, _call_each, (fn, chunk), {}, contexts) for chunk in chunks]
             return itertools.chain.from_iterable(_results_in_order(futures, end_time))
-        futures = [self._submit(None, fn, call, {}, contexts) for call in calls]
+        futures = [self._submit(_NO_KEY, fn, call, {}, contexts) for call in calls]
         return _results_in_order(futures, end_time)
 
     def job(self, fn: Callable[P, R]) -> ExecutorJob[P, R]:
@@ -276,196 +288,70 @@ class Executor(concurrent.futures.Executor):
         ``submit`` raises :exc:`RuntimeError` afterwards, until :meth:`init_app`
         binds the executor again.
         """
-        with self._pool_lock:
+        with self._lock:
             self._shut_down = True
             pool, self._pool = self._pool, None
         if pool is not None:
-            self._shut_pool_down(pool, wait, cancel_futures)
+            pool.shutdown(wait, cancel_futures)
 
-    def _shut_pool_down(self, pool: _Pool, wait: bool, cancel_futures: bool) -> None:
-        standard = (
-            _ThreadPool,
-            concurrent.futures.ThreadPoolExecutor,
-            concurrent.futures.ProcessPoolExecutor,
-        )
-        if isinstance(pool, standard):
-            pool.shutdown(wait=wait, cancel_futures=cancel_futures)
-            return
-        # A configured executor may not take cancel_futures (Dask's does not), and
-        # may cancel what it holds when not waiting (Dask's does): so cancel here
-        # what has to be, and let another thread wait for the rest.
-        if cancel_futures:
-            for future in list(self._handed_over):
-                future.cancel()
-        if wait:
-            pool.shutdown(wait=True)
-        else:
-            threading.Thread(target=pool.shutdown, name="flask_executor_shutdown", daemon=True).start()
-
-    # The path of every task, and so the hot path: the configuration is read once,
-    # and nothing is looked up twice.
+    # The path of every task, and so the hot path: each attribute is read once.
     def _submit(
         self,
-        future_key: Hashable | None,
+        future_key: Hashable,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         contexts: _CapturedContexts | None,
     ) -> TaskFuture[Any]:
-        config = self._config
-        if self._shut_down:
-            raise RuntimeError(f"cannot submit {_describe(fn)}: {self!r} has been shut down")
-        if self._app is None:
-            raise RuntimeError(f"{self!r} is not bound to an app: call init_app(app) before submitting tasks")
+        if _this_process.pid != os.getpid():
+            _this_process.start_over()  # forked without our fork hook (uWSGI forks in C)
+        pool, bound = self._pool, self._bound
+        if pool is None:
+            raise RuntimeError(
+                f"cannot submit {_describe(fn)}: {self!r} has been shut down"
+                if self._shut_down
+                else f"{self!r} is not bound to an app: call init_app(app) before submitting tasks"
+            )
         future: TaskFuture[Any] = TaskFuture()
-        future._settings = self._task_settings
-        for callback in self._default_done_callbacks:
-            future.add_done_callback(callback)
-        if config.propagate_exceptions:
-            future.add_done_callback(propagate_exceptions_callback)
-        if future_key is not None:
-            self.futures.add(future_key, future)  # raises on a key in use, before anything runs
+        future._settings = self._settings
+        if bound is not None:
+            bound.take(future, fn)  # first, so that its slot is freed before any callback runs
         try:
-            self._schedule(_Task(future, fn, args, kwargs, contexts), config)
+            if future_key is not _NO_KEY:
+                self.futures.add(future_key, future)  # raises for a key in use, before anything runs
+            for callback in self._default_done_callbacks:
+                future.add_done_callback(callback)
+            if self._config.propagate_exceptions:
+                future.add_done_callback(propagate_exceptions_callback)
+            pool.schedule(_Task(future, fn, args, kwargs, contexts))
         except BaseException:
-            if future_key is not None:
-                self.futures._discard(future_key, future)
+            if not future.done():  # it never ran: give back what it holds
+                if bound is not None:
+                    bound.give_back()
+                if future_key is not _NO_KEY:
+                    self.futures._discard(future_key, future)
             raise
-        if config.kind == "sync" and config.propagate_exceptions:
-            exception = future.exception()
-            if exception is not None:
-                raise exception
         return future
 
-    def _schedule(self, task: _Task, config: _Config) -> None:
-        if config.kind == "sync":
-            task.run()
-            return
-        slots = self._slots
-        if slots is not None and not _take_slot(slots, config.queue_timeout):
-            raise QueueFull(
-                f"{config.queue_size} tasks are already waiting for a worker ({config.prefix}QUEUE_SIZE"
-                f"={config.queue_size}); {_describe(task.fn)} was not accepted and will not run. Retry"
-                f" later, or raise {config.prefix}QUEUE_SIZE or {config.prefix}QUEUE_TIMEOUT"
-            )
-        try:
-            pool = self._pool or self._make_pool()
-            if isinstance(pool, _ThreadPool):
-                task.slots = slots
-                pool.schedule(task)
-            else:
-                self._hand_over(pool, task, config, slots)
-        except BaseException:
-            if slots is not None:
-                slots.release()
-            raise
-
-    def _hand_over(
-        self,
-        pool: concurrent.futures.Executor,
-        task: _Task,
-        config: _Config,
-        slots: threading.BoundedSemaphore | None,
-    ) -> None:
-        """Hands a task to a pool that makes futures of its own (a process pool or a
-        configured executor), and ties its future to the task's."""
-        call: tuple[Any, ...]
-        if self._runs_tasks_here:
-            call = (task.run,)
-        else:
-            if isinstance(pool, concurrent.futures.ProcessPoolExecutor):
-                _check_picklable(task.fn)  # others (Dask, loky) may serialize what pickle cannot
-            app_reference = (config.app_key, config.process_app) if config.push_app_context else None
-            # A unique id in every call to a configured executor: some (Dask's) run a
-            # call only once when it is submitted again with the same arguments.
-            call_id = uuid.uuid4().hex if config.kind == "foreign" else None
-            call = (_run_in_worker, task.fn, task.args, task.kwargs, app_reference, call_id)
-        try:
-            inner = pool.submit(*call)
-        except concurrent.futures.BrokenExecutor:
-            # The pool broke since the last task finished; a fresh one takes this task.
-            self._forget_broken_pool(pool)
-            pool = cast(concurrent.futures.Executor, self._pool or self._make_pool())
-            inner = pool.submit(*call)
-        future = task.future
-        future._inner = inner
-        if future.cancelled():  # cancelled through the collection while it was being handed over
-            inner.cancel()
-        if config.kind == "foreign":
-            self._handed_over.add(future)
-        inner.add_done_callback(functools.partial(self._settle, future, pool, slots))
-
-    def _settle(
-        self,
-        future: TaskFuture[Any],
-        pool: concurrent.futures.Executor,
-        slots: threading.BoundedSemaphore | None,
-        inner: concurrent.futures.Future[Any],
-    ) -> None:
-        # The two futures refer to each other (through _inner and this callback):
-        # unlinking them lets reference counting free both, rather than the cyclic GC.
-        future._inner = None
-        if slots is not None:
-            slots.release()
-        self._handed_over.discard(future)
-        try:
-            exception = inner.exception()
-        except concurrent.futures.CancelledError:
-            concurrent.futures.Future.cancel(future)
-            return
-        if future.done():  # a thread-like pool, where the task completed its future itself
-            return
-        if exception is None:
-            future.set_result(inner.result())
-            return
-        if isinstance(exception, concurrent.futures.BrokenExecutor):
-            self._forget_broken_pool(pool)
-        elif future._settings is not None and future._settings.log_exceptions:
-            future._settings.app.logger.error("Task failed in a worker process", exc_info=exception)
-        future.set_exception(exception)
-
-    def _forget_broken_pool(self, pool: concurrent.futures.Executor) -> None:
-        with self._pool_lock:
-            if self._pool is not pool:
-                return  # already replaced: the event was logged then
-            self._pool = None
-            _broken_pools.append(pool)
-        if self._app is not None:
-            self._app.logger.warning(
-                "A worker of %r died (killed, out of memory, or os._exit); the tasks it was"
-                " running failed with BrokenProcessPool and a new pool is used from the next task",
-                self,
-            )
-        # No shutdown(), for the same reason; a broken pool has stopped its workers already.
-
-    def _make_pool(self) -> _Pool:
-        with self._pool_lock:
-            if self._shut_down:
-                raise RuntimeError(f"cannot submit: {self!r} has been shut down")
-            if self._pool is None:
-                self._pool = _make_pool(self._config, self.name)
-            return self._pool
-
     def _capture_contexts(self) -> _CapturedContexts | None:
-        if not (self._runs_tasks_here and self._config.push_app_context):
+        pool = self._pool
+        if pool is None or not (pool.pushes_contexts and self._config.push_app_context):
             return None
-        return _CapturedContexts(self._app)
+        return _Contexts(self._app)
 
-    def _after_fork_in_child(self) -> None:
-        # The parent's pool has no threads in this process, and any lock may have
-        # been held by a thread that no longer exists: start again from scratch.
-        self._pool = None
-        self._pool_lock = threading.Lock()
-        self._slots = _make_slots(self._config)
-        self._handed_over = set()
-        self.futures._lock = threading.Lock()
+    def _start_over(self) -> None:
+        """Called in a new process made by forking this one: the parent's threads
+        do not exist here, and a lock may have been held by one of them."""
+        self._lock = threading.Lock()
+        pool = self._pool
+        if pool is not None:
+            self._pool = pool.after_fork()
+            self._bound = _QueueBound.for_pool(self._config, self._pool)
+        self.futures._after_fork()
 
     def __repr__(self) -> str:
-        return (
-            f"<Executor {self.name!r} ({self._config.kind})>"
-            if self.name
-            else f"<Executor ({self._config.kind})>"
-        )
+        name = f" {self.name!r}" if self.name else ""
+        return f"<Executor{name} ({self._config.kind})>"
 
 
 class ExecutorJob(Generic[P, R]):
@@ -515,9 +401,10 @@ class ExecutorJob(Generic[P, R]):
     def submit_stored(
         self: ExecutorJob[P, T], future_key: Hashable, *args: P.args, **kwargs: P.kwargs
     ) -> TaskFuture[T]: ...
-    def submit_stored(self, future_key: Hashable, *args: Any, **kwargs: Any) -> TaskFuture[Any]:
+    def submit_stored(self, *args: Any, **kwargs: Any) -> TaskFuture[Any]:
         """Submits a call of this job and stores its future under ``future_key``;
         see :meth:`Executor.submit_stored`."""
+        (future_key,), args = _split_1_0_call("submit_stored", ("future_key",), args, kwargs)
         return self.executor.submit_stored(future_key, self, *args, **kwargs)
 
     @overload
@@ -568,27 +455,22 @@ class FutureCollection:
         self.max_length = max_length
         #: Where a future dropped before it finished is reported.
         self.logger: logging.Logger = _logger
-        self._futures: dict[Hashable, concurrent.futures.Future[Any]] = {}
-        # How many keys hold each future, so that ``future in collection`` is a
-        # dictionary lookup rather than a scan of every value.
-        self._key_counts: dict[concurrent.futures.Future[Any], int] = {}
-        self._lock = threading.Lock()
+        self._store = _MemoryStore()
+        # Code written for 1.0 reads stored futures from this mapping by key
+        # (``futures._futures.get(key)``, as Flask-Shell2HTTP does).
+        self._futures = self._store.futures
+        self._eviction_warnings = _WarningLimiter()
 
     def add(self, future_key: Hashable, future: concurrent.futures.Future[Any]) -> None:
         """Keeps ``future`` under ``future_key``.
 
-        :raises ValueError: the key is already in use.
+        :raises ValueError: the key is already in use, or is ``None``.
         """
-        with self._lock:
-            if future_key in self._futures:
-                raise ValueError(
-                    f"future key {future_key!r} is already in use: pop() it first, or choose another key"
-                )
-            self._futures[future_key] = future
-            self._key_counts[future] = self._key_counts.get(future, 0) + 1
-            evicted = self._evict_over_limit()
-        for key in evicted:
-            self.logger.warning(
+        if future_key is None:
+            raise ValueError("future_key cannot be None: choose a key, such as a string or a number")
+        for key in self._store.add(future_key, future, self.max_length or 0):
+            self._eviction_warnings.warn(
+                self.logger,
                 "Stopped tracking the unfinished future under key %r: more than %d futures are stored"
                 " and none has finished. Pop futures once they are done, or raise"
                 " EXECUTOR_FUTURES_MAX_LENGTH.",
@@ -598,44 +480,39 @@ class FutureCollection:
 
     def pop(self, future_key: Hashable) -> concurrent.futures.Future[Any] | None:
         """Removes and returns the future under ``future_key``, or ``None``."""
-        with self._lock:
-            future = self._futures.pop(future_key, None)
-            if future is not None:
-                self._forget_one(future)
-        return future
+        return self._store.pop(future_key)
 
     def keys(self) -> list[Hashable]:
         """The keys in use, oldest first."""
-        with self._lock:
-            return list(self._futures)
+        return self._store.keys()
 
     def done(self, future_key: Hashable) -> bool | None:
-        future = self._get(future_key)
+        future = self._store.get(future_key)
         return None if future is None else future.done()
 
     def running(self, future_key: Hashable) -> bool | None:
-        future = self._get(future_key)
+        future = self._store.get(future_key)
         return None if future is None else future.running()
 
     def cancelled(self, future_key: Hashable) -> bool | None:
-        future = self._get(future_key)
+        future = self._store.get(future_key)
         return None if future is None else future.cancelled()
 
     def cancel(self, future_key: Hashable) -> bool | None:
-        future = self._get(future_key)
+        future = self._store.get(future_key)
         return None if future is None else future.cancel()
 
     def result(self, future_key: Hashable, timeout: float | None = None) -> Any:
-        future = self._get(future_key)
+        future = self._store.get(future_key)
         return None if future is None else future.result(timeout)
 
     def exception(self, future_key: Hashable, timeout: float | None = None) -> BaseException | None:
-        future = self._get(future_key)
+        future = self._store.get(future_key)
         return None if future is None else future.exception(timeout)
 
     def progress(self, future_key: Hashable) -> Progress | None:
         """The last :class:`Progress` the task reported, or ``None``."""
-        return getattr(self._get(future_key), "progress", None)
+        return getattr(self._store.get(future_key), "progress", None)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         # Flask-Executor 1.0 reached every attribute of a future this way
@@ -644,7 +521,7 @@ class FutureCollection:
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
         def by_key(future_key: Hashable, *args: Any, **kwargs: Any) -> Any:
-            future = self._get(future_key)
+            future = self._store.get(future_key)
             if future is None:
                 return None
             value = getattr(future, name)
@@ -654,56 +531,30 @@ class FutureCollection:
 
     def __contains__(self, future_or_key: object) -> bool:
         """True for a stored future (as in 1.0) and for a key in use."""
-        try:
-            return future_or_key in self._key_counts or future_or_key in self._futures
-        except TypeError:  # not hashable: neither a future nor a key
-            return False
+        return self._store.contains(future_or_key)
 
     def __len__(self) -> int:
-        return len(self._futures)
+        return len(self._store)
 
     def __repr__(self) -> str:
         return f"<FutureCollection of {len(self)} (max_length={self.max_length})>"
 
-    def _get(self, future_key: Hashable) -> concurrent.futures.Future[Any] | None:
-        with self._lock:
-            return self._futures.get(future_key)
-
     def _discard(self, future_key: Hashable, future: concurrent.futures.Future[Any]) -> None:
-        with self._lock:
-            if self._futures.get(future_key) is future:
-                del self._futures[future_key]
-                self._forget_one(future)
+        self._store.discard(future_key, future)
 
-    def _forget_one(self, future: concurrent.futures.Future[Any]) -> None:
-        count = self._key_counts[future] - 1
-        if count:
-            self._key_counts[future] = count
-        else:
-            del self._key_counts[future]
-
-    def _evict_over_limit(self) -> list[Hashable]:
-        """Drops futures beyond ``max_length``, finished ones first, oldest first.
-        Returns the keys of unfinished ones it had to drop. Called with the lock held."""
-        dropped_unfinished = []
-        while self.max_length and len(self._futures) > self.max_length:
-            newest = next(reversed(self._futures))
-            # The scan is bounded by max_length, and stops at the first finished one.
-            key = next((k for k, f in self._futures.items() if f.done() and k != newest), None)
-            if key is None:
-                key = next(iter(self._futures))
-                dropped_unfinished.append(key)
-            self._forget_one(self._futures.pop(key))
-        return dropped_unfinished
+    def _after_fork(self) -> None:
+        self._store.after_fork()
 
 
 class TaskFuture(concurrent.futures.Future[T]):
     """The :class:`concurrent.futures.Future` of a task submitted to an
-    :class:`Executor`. It is a plain future, with two additions:
+    :class:`Executor`. It is a plain future, with three additions:
 
     - :attr:`progress`, the last :class:`Progress` the task reported;
     - done callbacks run inside the app context of the task's app, and one that
-      raises is logged on ``app.logger`` without stopping the others.
+      raises is logged on ``app.logger`` without stopping the others;
+    - a cancelled future is reported at once to :func:`concurrent.futures.wait`
+      and :func:`~concurrent.futures.as_completed`, not when a worker reaches it.
 
     ::
 
@@ -717,21 +568,25 @@ class TaskFuture(concurrent.futures.Future[T]):
         #: The last :class:`Progress` reported by the task, or ``None``.
         self.progress: Progress | None = None
         self._settings: _TaskSettings | None = None
-        # The future of the pool the task was handed to, when that is not ours.
-        self._inner: concurrent.futures.Future[Any] | None = None
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[T]], object]) -> None:
         super().add_done_callback(functools.partial(_call_done_callback, fn))
 
     def cancel(self) -> bool:
-        inner = self._inner
-        if inner is not None and not inner.cancel():
+        if not super().cancel():
             return False
-        return super().cancel()
+        # A bare future tells waiters only when its pool reaches it; _condition and
+        # _state are the base class's own, used as its methods use them.
+        with self._condition:
+            if self._state == "CANCELLED":
+                self.set_running_or_notify_cancel()
+        return True
 
-    def running(self) -> bool:
-        inner = self._inner
-        return inner.running() if inner is not None else super().running()
+    def _start(self) -> bool:
+        """Marks the future running, unless it was cancelled; every pool calls this
+        before it runs a task, or hands it to another executor."""
+        with self._condition:  # taken by cancel() too, so the two cannot interleave
+            return self._state == "PENDING" and self.set_running_or_notify_cancel()
 
 
 class Progress(NamedTuple):
@@ -805,200 +660,135 @@ def propagate_exceptions_callback(future: concurrent.futures.Future[Any]) -> Non
         raise exception
 
 
-# Configuration ---------------------------------------------------------------
-
-_TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
-_FALSE_WORDS = frozenset({"false", "no", "off", "0"})
-_START_METHODS = ("fork", "spawn", "forkserver")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Config:
-    kind: str  # "thread", "process", "sync", or "foreign" (made by ``factory``)
-    factory: Callable[..., concurrent.futures.Executor] | None
-    max_workers: int | None
-    futures_max_length: int
-    propagate_exceptions: bool
-    push_app_context: bool
-    queue_size: int | None
-    queue_timeout: float
-    log_exceptions: bool
-    mp_context: str | None
-    max_tasks_per_child: int | None
-    process_app: str | None
-    # Names the app to process workers forked from this one; see _run_in_worker.
-    app_key: str
-    prefix: str
+# Flask-Executor 1.0's import paths and call forms ------------------------------------
+#
+# 1.0 was a package, and code written for it imports from its modules
+# (``from flask_executor.futures import Future``). ``import`` looks in sys.modules
+# before it looks for a file, so a module object registered there under each of
+# those names serves them all, whether this file is installed or copied into a
+# project. Each holds what 1.0 exposed there; a name whose 1.0 meaning is gone is
+# the nearest thing here (FutureProxy is TaskFuture: futures are no longer proxies).
 
 
-def _read_config(config: Mapping[str, Any], name: str) -> _Config:
-    """Reads and checks every key at once, so that a bad value is reported by
-    ``init_app`` rather than by the first submit, long after start-up."""
-    prefix = f"{name.upper()}_EXECUTOR_" if name else "EXECUTOR_"
-    type_key = prefix + "TYPE"
-    kind, factory = _read_type(type_key, config.get(type_key, "thread"))
-    max_workers = _read_integer(config, prefix + "MAX_WORKERS", None, minimum=1)
-    max_tasks_per_child = _read_integer(config, prefix + "MAX_TASKS_PER_CHILD", None, minimum=1)
-    mp_context = config.get(prefix + "MP_CONTEXT")
-    if mp_context is not None and mp_context not in _start_methods():
-        raise ValueError(
-            f"{prefix}MP_CONTEXT must be one of {', '.join(map(repr, _START_METHODS))} (where this"
-            f" platform has it), got {mp_context!r}"
+def _split_1_0_call(
+    method: str, names: tuple[str, ...], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Splits a call into the leading ``names`` and the task's own arguments. 1.0
+    also took the leading ones by keyword: ``submit_stored(future_key=k, fn=f)``."""
+    count = len(names)
+    if len(args) >= count:
+        return args[:count], args[count:]
+    leading = list(args)
+    for name in names[len(args) :]:
+        if name not in kwargs:
+            raise TypeError(f"{method}() missing required argument {name!r}")
+        leading.append(kwargs.pop(name))
+    return tuple(leading), ()
+
+
+def _str2bool(value: object) -> bool:
+    """1.0's reading of a configuration flag."""
+    return str(value).lower() in ("yes", "true", "t", "1")
+
+
+class _InstanceProxy:
+    """1.0's base of its proxies: reads attributes of the object it wraps."""
+
+    def __init__(self, proxied: object) -> None:
+        object.__setattr__(self, "_self", proxied)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_self"), name)
+
+
+def _get_current_app_context() -> AppContext | None:
+    """1.0's way to the current app context, or ``None`` outside one."""
+    return cast(AppContext, cast(Any, app_ctx)._get_current_object()) if flask.has_app_context() else None
+
+
+def _push_app_context(fn: Callable[P, R]) -> Callable[P, R]:
+    """1.0's wrapper: ``fn`` runs in an app context of the current app, with a copy of ``g``."""
+    app = cast(Any, flask.current_app)._get_current_object()
+    g_values = dict(vars(cast(Any, flask.g)._get_current_object()))
+
+    @functools.wraps(fn)
+    def in_app_context(*args: P.args, **kwargs: P.kwargs) -> R:
+        with app.app_context():
+            vars(cast(Any, flask.g)._get_current_object()).update(g_values)
+            return fn(*args, **kwargs)
+
+    return in_app_context
+
+
+def _install_1_0_modules() -> None:
+    shared = {
+        "FutureCollection": FutureCollection,
+        "FutureProxy": TaskFuture,
+        "InstanceProxy": _InstanceProxy,
+        "str2bool": _str2bool,
+    }
+    contents: dict[str, dict[str, Any]] = {
+        "executor": {
+            **shared,
+            "Executor": Executor,
+            "ExecutorJob": ExecutorJob,
+            "propagate_exceptions_callback": propagate_exceptions_callback,
+            "push_app_context": _push_app_context,
+            "get_current_app_context": _get_current_app_context,
+            "copy_current_request_context": flask.copy_current_request_context,
+            "current_app": flask.current_app,
+            "g": flask.g,
+            "concurrent": concurrent,
+            "contextvars": contextvars,
+            "re": re,
+        },
+        "futures": {**shared, "Future": concurrent.futures.Future, "OrderedDict": collections.OrderedDict},
+        "helpers": {
+            "InstanceProxy": _InstanceProxy,
+            "str2bool": _str2bool,
+            "PROXIED_OBJECT": "__proxied_object",
+        },
+    }
+    this_module = sys.modules[__name__]
+    for name, names in contents.items():
+        module = types.ModuleType(
+            f"{__name__}.{name}", f"Flask-Executor 1.0's {name} module, kept for its users."
         )
-    if max_tasks_per_child is not None:
-        if sys.version_info < (3, 11):
-            raise ValueError(
-                f"{prefix}MAX_TASKS_PER_CHILD={max_tasks_per_child!r} needs Python 3.11 or later"
-            )
-        if mp_context == "fork":
-            raise ValueError(
-                f"{prefix}MAX_TASKS_PER_CHILD={max_tasks_per_child!r} cannot be used with"
-                f" {prefix}MP_CONTEXT='fork': choose 'spawn' or 'forkserver'"
-            )
-    process_app = config.get(prefix + "PROCESS_APP")
-    if process_app is not None and not (isinstance(process_app, str) and process_app.partition(":")[0]):
-        raise ValueError(
-            f"{prefix}PROCESS_APP must be an import string such as 'package.module:app' or"
-            f" 'package.module:create_app()', got {process_app!r}"
-        )
-    return _Config(
-        kind=kind,
-        factory=factory,
-        max_workers=max_workers,
-        futures_max_length=_read_integer(config, prefix + "FUTURES_MAX_LENGTH", 50, minimum=0) or 0,
-        propagate_exceptions=_read_boolean(config, prefix + "PROPAGATE_EXCEPTIONS", False),
-        push_app_context=_read_boolean(config, prefix + "PUSH_APP_CONTEXT", True),
-        queue_size=_read_integer(config, prefix + "QUEUE_SIZE", None, minimum=0),
-        queue_timeout=_read_seconds(config, prefix + "QUEUE_TIMEOUT", 0.0),
-        log_exceptions=_read_boolean(config, prefix + "LOG_EXCEPTIONS", True),
-        mp_context=mp_context,
-        max_tasks_per_child=max_tasks_per_child,
-        process_app=process_app,
-        app_key=uuid.uuid4().hex,
-        prefix=prefix,
-    )
+        vars(module).update(names)
+        sys.modules[module.__name__] = module
+        setattr(this_module, name, module)
 
 
-def _start_methods() -> list[str]:
-    import multiprocessing  # here: thread pools never need it, and it is slow to import
-
-    return multiprocessing.get_all_start_methods()
+_install_1_0_modules()
 
 
-def _read_type(key: str, value: Any) -> tuple[str, Callable[..., concurrent.futures.Executor] | None]:
-    if callable(value):
-        return "foreign", value
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in ("thread", "process", "sync"):
-            return word, None
-        module_name, colon, attribute = value.strip().partition(":")
-        if colon and module_name and attribute:
-            try:
-                found: Any = importlib.import_module(module_name)
-                for part in attribute.split("."):
-                    found = getattr(found, part)
-            except (ImportError, AttributeError) as error:
-                raise ValueError(f"{key}={value!r} cannot be imported: {error}") from error
-            if not callable(found):
-                raise ValueError(f"{key}={value!r} names {found!r}, which is not callable")
-            return "foreign", found
-    raise ValueError(
-        f"{key} must be 'thread', 'process', 'sync', an import string such as"
-        f" 'package.module:make_executor', or a callable returning a concurrent.futures.Executor;"
-        f" got {value!r}"
-    )
-
-
-def _read_integer(config: Mapping[str, Any], key: str, default: int | None, *, minimum: int) -> int | None:
-    value = config.get(key)
-    if value is None:
-        return default
-    try:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError
-        number = int(value)
-    except ValueError:
-        number = None
-    if number is None or number < minimum:
-        raise ValueError(f"{key} must be a whole number, {minimum} or more, got {value!r}")
-    return number
-
-
-def _read_seconds(config: Mapping[str, Any], key: str, default: float) -> float:
-    value = config.get(key)
-    if value is None:
-        return default
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = -1.0
-    if not 0 <= seconds < math.inf:  # NaN fails this too
-        raise ValueError(f"{key} must be a number of seconds, 0 or more, got {value!r}")
-    return seconds
-
-
-def _read_boolean(config: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = config.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool):
-        return value
-    word = str(value).strip().lower() if isinstance(value, (str, int)) else None
-    if word in _TRUE_WORDS:
-        return True
-    if word in _FALSE_WORDS:
-        return False
-    raise ValueError(f"{key} must be true or false (or yes/no, on/off, 1/0), got {value!r}")
-
-
-# Context wrapping --------------------------------------------------------------
-
-# Flask 3.2 folds the request context into the app context: a copied app context
-# carries the request and session, and RequestContext becomes a deprecated alias.
-_APP_CONTEXT_HOLDS_REQUEST = hasattr(AppContext, "has_request")
-
-if not _APP_CONTEXT_HOLDS_REQUEST:
-    from flask.ctx import RequestContext as _RequestContext
-    from flask.globals import request_ctx
-
-    class _TaskRequestContext(_RequestContext):
-        """A request context for a task: the request it shares was matched to its
-        URL rule when it arrived, so matching it again for every task is skipped."""
-
-        def match_request(self) -> None:
-            pass
+# Contexts: what a task sees as current_app, g, request and session ------------------
+#
+# A task gets context objects of its own, because Flask records the pushes of a
+# context in the context object: two threads pushing the same one at once corrupt
+# each other's state (Flask-Executor 1.0's ``map`` in a request did). Its app
+# context has a copy of the submitter's ``g``; its request is the view's request as
+# _TaskRequest presents it. Flask 3.2 merges the request context into the app
+# context, so there is one class per shape of Flask's contexts, chosen once below.
 
 
 class _CapturedContexts:
-    """The contexts a task was submitted from, as the task needs them in its
-    worker: the app, a snapshot of ``g``, and the request and session if any.
+    """The contexts a task was submitted from, taken at submit time: the app, a
+    snapshot of ``g``, and during a request the request and session. In the worker,
+    :meth:`push` makes and pushes contexts of the task's own, and :meth:`pop` pops
+    them and runs the teardown functions."""
 
-    Each task gets context objects of its own, because Flask records the pushes of
-    a context in the context object: two threads pushing the same one at once
-    corrupt each other's state (Flask-Executor 1.0's ``map`` in a request)."""
-
-    __slots__ = ("app", "g_values", "original", "request", "session")
+    __slots__ = ("app", "g_values", "request", "session")
 
     def __init__(self, app: flask.Flask | None) -> None:
-        self.request: Request | None = None
+        self.request: _TaskRequest | None = None
         self.session: Any = None
-        self.original: AppContext | None = None
         if flask.has_app_context():
-            original: AppContext = cast(Any, app_ctx)._get_current_object()
-            self.app = original.app
-            g_values = vars(original.g)
+            current = cast(AppContext, cast(Any, app_ctx)._get_current_object())
+            self.app: flask.Flask = current.app
+            g_values = vars(current.g)
             self.g_values = dict(g_values) if g_values else None
-            if _APP_CONTEXT_HOLDS_REQUEST:
-                # Copied now, while the request is live; tasks copy this copy, which is
-                # never pushed, whenever they start.
-                self.original = original.copy()  # type: ignore[attr-defined]
-            elif flask.has_request_context():
-                current: RequestContext = cast(Any, request_ctx)._get_current_object()
-                self.request = _request_for_task(current.request)
-                self.session = current.session
+            self._capture_request(current)
         elif app is not None:
             self.app = app
             self.g_values = None
@@ -1007,72 +797,244 @@ class _CapturedContexts:
                 "the executor is not bound to an app: call init_app(app) before submitting tasks"
             )
 
-    def app_context(self) -> AppContext:
-        """A fresh app context whose ``g`` starts as the snapshot (and which, on
-        Flask 3.2 and later, carries the request)."""
-        if _APP_CONTEXT_HOLDS_REQUEST and self.original is not None:
-            context: AppContext = self.original.copy()  # type: ignore[attr-defined]
-        else:
-            context = self.app.app_context()
+    def _capture_request(self, current: AppContext) -> None:
+        raise NotImplementedError
+
+    def push(self) -> Any:
+        """Pushes the task's contexts; returns what :meth:`pop` needs."""
+        raise NotImplementedError
+
+    def pop(self, pushed: Any, error: BaseException | None) -> None:
+        raise NotImplementedError
+
+    def _fresh_g(self, context: AppContext) -> None:
         if self.g_values:
             vars(context.g).update(self.g_values)
+
+
+class _SplitContexts(_CapturedContexts):
+    """Flask 2.2 to 3.1: an app context, with a request context on top when the
+    task was submitted during a request."""
+
+    __slots__ = ()
+
+    def _capture_request(self, current: AppContext) -> None:
+        if flask.has_request_context():
+            view_context = cast("RequestContext", cast(Any, _request_ctx)._get_current_object())
+            self.request = _request_for_task(view_context.request)
+            self.session = view_context.session
+
+    def push(self) -> tuple[AppContext, RequestContext | None]:
+        app_context = self.app.app_context()
+        self._fresh_g(app_context)
+        app_context.push()
+        if self.request is None:
+            return app_context, None
+        try:
+            request_context = _reusable_context(self.request, self.session) or _TaskRequestContext(
+                self.app, self.request.environ, self.request, self.session
+            )
+            request_context.push()
+        except BaseException:
+            app_context.pop()
+            raise
+        return app_context, request_context
+
+    def pop(self, pushed: tuple[AppContext, RequestContext | None], error: BaseException | None) -> None:
+        app_context, request_context = pushed
+        try:
+            if request_context is not None:
+                request_context.pop(error)
+                _keep_for_reuse(self.request, self.session, request_context)
+        finally:
+            app_context.pop(error)
+
+
+class _MergedContexts(_CapturedContexts):
+    """Flask 3.2 and later: one app context, which carries the request when the
+    task was submitted during a request."""
+
+    __slots__ = ()
+
+    def _capture_request(self, current: AppContext) -> None:
+        if current.has_request:  # type: ignore[attr-defined]
+            self.request = _request_for_task(current.request)  # type: ignore[attr-defined]
+            self.session = self.request.__dict__.get(_TASK_SESSION, _MISSING)
+            if self.session is _MISSING:
+                # A copy of the view's context shares the view's session once the view
+                # has opened it, and opens its own otherwise, leaving the view's alone.
+                self.session = current.copy().session  # type: ignore[attr-defined]
+                self.request.__dict__[_TASK_SESSION] = self.session
+
+    def push(self) -> AppContext:
+        context: AppContext | None = None
+        if self.request is not None:
+            context = _reusable_context(self.request, self.session)
+            if context is None:
+                context = _TaskAppContext(self.app, request=self.request, session=self.session)  # type: ignore[call-arg]
+            context.g = self.app.app_ctx_globals_class()  # a reused context gets a fresh g
+        else:
+            context = self.app.app_context()
+        self._fresh_g(context)
+        context.push()
         return context
 
-    def take_request_context(self) -> RequestContext | None:
-        """The request context for a task about to run in this thread.
-
-        Making one builds a URL adapter, which costs more than the rest of a small
-        task, so each thread keeps the last one it popped (keep_request_context)
-        and reuses it for the next task from the same request: a context may be
-        pushed again by the thread that popped it. A context in use is not kept,
-        so a task run inline inside another gets its own. Each worker thread keeps
-        at most one request alive this way."""
-        if self.request is None:
-            return None
-        kept = getattr(_this_thread, "request_context", None)
-        # Each submit makes its own request object, over the same attributes.
-        if kept is not None and kept[0] is vars(self.request) and kept[1] is self.session:
-            _this_thread.request_context = None
-            context: RequestContext = kept[2]
-            return context
-        return _TaskRequestContext(self.app, self.request.environ, self.request, self.session)
-
-    def keep_request_context(self, context: RequestContext) -> None:
-        _this_thread.request_context = (vars(self.request), self.session, context)
+    def pop(self, pushed: AppContext, error: BaseException | None) -> None:
+        pushed.pop(error)
+        if self.request is not None:
+            _keep_for_reuse(self.request, self.session, pushed)
 
 
+if hasattr(AppContext, "has_request"):
+    _Contexts: type[_CapturedContexts] = _MergedContexts
+
+    class _TaskAppContext(AppContext):
+        """The app context of a task on Flask 3.2: the request it carries was matched
+        to its URL rule when it arrived, and matching again would write ``url_rule``
+        and ``view_args`` onto the request the view is still using."""
+
+        def match_request(self) -> None:
+            pass
+
+else:
+    _Contexts = _SplitContexts
+    from flask.ctx import RequestContext as _RequestContext
+    from flask.globals import request_ctx as _request_ctx
+
+    class _TaskRequestContext(_RequestContext):
+        """The request context of a task: the request was matched to its URL rule
+        when it arrived, so matching it again for every task is skipped."""
+
+        def match_request(self) -> None:
+            pass
+
+
+# Making a context builds a URL adapter, which costs more than the rest of a small
+# task, so each worker thread keeps the last request-bound context it popped and
+# pushes it again for the next task of the same request. A context in use is not
+# kept (a task run inline inside another gets its own), and each thread keeps at
+# most one request alive this way.
 _this_thread = threading.local()
 
 
-def _request_for_task(request: Request) -> Request:
-    """The request as a task sees it: the same in every respect but one.
+def _reusable_context(request: _TaskRequest, session: Any) -> Any:
+    kept = getattr(_this_thread, "context", None)
+    if kept is not None and kept[0] is request and kept[1] is session:
+        _this_thread.context = None
+        return kept[2]
+    return None
 
-    Popping a request context closes the request's uploaded files, and a task's
-    context must not close them under the view, which may still be reading them.
-    So a task gets another object of a subclass whose ``close()`` does nothing, and
-    which shares the request's attribute dictionary: what either side parses (the
-    form, the files, the consumed input stream) the other sees."""
+
+def _keep_for_reuse(request: _TaskRequest | None, session: Any, context: Any) -> None:
+    _this_thread.context = (request, session, context)
+
+
+class _ViewRequest(flask.wrappers.Request):
+    """Mixed into the class of a view's request when the view first submits a task
+    (see :func:`_request_for_task`). The view and its tasks may read the body at the
+    same time, so it is read under a lock; once the request has ended it is not read
+    at all, because the server may have given its input stream to another request."""
+
+    def _load_form_data(self) -> None:
+        with self.__dict__[_BODY_LOCK]:
+            if "form" not in self.__dict__:
+                self._check_body_readable()
+            super()._load_form_data()
+
+    def get_data(  # type: ignore[override]
+        self, cache: bool = True, as_text: bool = False, parse_form_data: bool = False
+    ) -> bytes | str:
+        with self.__dict__[_BODY_LOCK]:
+            if self.__dict__.get("_cached_data") is None and "form" not in self.__dict__:
+                self._check_body_readable()
+            return super().get_data(cache, as_text, parse_form_data)  # type: ignore[call-overload,no-any-return]
+
+    def close(self) -> None:
+        with self.__dict__[_BODY_LOCK]:  # a task reading the body finishes first
+            self.__dict__[_BODY_ENDED] = True
+            super().close()
+
+    def _check_body_readable(self) -> None:
+        if self.__dict__.get(_BODY_ENDED):
+            raise RuntimeError(
+                "the request body was not read before the view returned, and the server may have"
+                " given its input stream to another request since: read request.form, .files,"
+                " .get_json() or .get_data() in the view (or pass the data to the task)"
+            )
+
+
+class _TaskRequest(flask.wrappers.Request):
+    """The view's request as its tasks see it. It has its own copy of the WSGI
+    environ and headers, because a server may clear or reuse the view's once the
+    response has gone (uWSGI does); it reads the body through the view's request,
+    so that both see what either parsed; and its ``close()`` leaves the uploaded
+    files open, because the view may still be reading them."""
+
+    _view_request: _ViewRequest
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override,unused-ignore]
+        return self._view_request.stream
+
+    def _load_form_data(self) -> None:
+        view_request = self._view_request
+        view_request._load_form_data()
+        mine, theirs = self.__dict__, view_request.__dict__
+        mine["form"], mine["files"] = theirs["form"], theirs["files"]
+
+    def get_data(  # type: ignore[override]
+        self, cache: bool = True, as_text: bool = False, parse_form_data: bool = False
+    ) -> bytes | str:
+        return self._view_request.get_data(cache, as_text, parse_form_data)
+
+    def close(self) -> None:
+        pass
+
+
+# Keys this module adds to a request's __dict__.
+_BODY_LOCK = "_flask_executor_body_lock"
+_BODY_ENDED = "_flask_executor_body_ended"
+_TASK_REQUEST = "_flask_executor_task_request"
+_TASK_SESSION = "_flask_executor_task_session"
+_MISSING: Any = object()
+
+
+def _request_for_task(request: flask.wrappers.Request) -> _TaskRequest:
+    """The request as the tasks submitted during it see it, made at the first submit."""
+    if isinstance(request, _TaskRequest):  # submitted from inside a task
+        return request
+    shared = request.__dict__.get(_TASK_REQUEST)
+    if shared is not None:
+        return cast(_TaskRequest, shared)
+    own = dict(request.__dict__)
+    environ = own["environ"] = dict(request.environ)
+    if isinstance(own.get("headers"), EnvironHeaders):
+        own["headers"] = EnvironHeaders(environ)
+    own["_view_request"] = request
     request_class = type(request)
-    task_class = _request_classes_that_stay_open.get(request_class)
-    if task_class is None:
-        task_class = type(request_class.__name__, (request_class,), {"close": _keep_files_open})
-        task_class = _request_classes_that_stay_open.setdefault(request_class, task_class)
-    shared = object.__new__(task_class)
-    shared.__dict__ = request.__dict__
-    return shared
+    task_request = object.__new__(_subclass(_TaskRequest, request_class))
+    task_request.__dict__.update(own)
+    request.__dict__[_BODY_LOCK] = threading.RLock()
+    request.__dict__[_TASK_REQUEST] = task_request
+    # The one place where this module changes an object it does not own: the view's
+    # request becomes an instance of a subclass that takes the body lock. It is safe
+    # here because only the view's thread holds the request until a task starts.
+    request.__class__ = _subclass(_ViewRequest, request_class)
+    return task_request
 
 
-_request_classes_that_stay_open: dict[type[Request], type[Request]] = {}
+_subclasses: dict[tuple[type[Any], type[Any]], type[Any]] = {}
 
 
-def _keep_files_open(request: Request) -> None:
-    pass
+def _subclass(mixin: type[T], request_class: type[Any]) -> type[T]:
+    found = _subclasses.get((mixin, request_class))
+    if found is None:
+        made = type(request_class.__name__, (mixin, request_class), {})
+        found = _subclasses.setdefault((mixin, request_class), made)
+    return found
 
 
-# The future of the task running in this thread, for report_progress().
-_current_future: contextvars.ContextVar[TaskFuture[Any] | None] = contextvars.ContextVar(
-    "flask_executor.current_future", default=None
-)
+# Tasks ---------------------------------------------------------------------------------
 
 
 class _TaskSettings(NamedTuple):
@@ -1083,11 +1045,18 @@ class _TaskSettings(NamedTuple):
     log_exceptions: bool
 
 
-class _Task:
-    """One call of a submitted function, run by a thread (or inline, in sync mode)
-    inside fresh copies of the contexts it was submitted from."""
+# The future of the task running in this thread, for report_progress().
+_current_future: contextvars.ContextVar[TaskFuture[Any] | None] = contextvars.ContextVar(
+    "flask_executor.current_future", default=None
+)
 
-    __slots__ = ("args", "captured", "fn", "future", "kwargs", "slots")
+
+class _Task:
+    """One call of a submitted function. A pool of this process runs it with
+    :meth:`run`, inside fresh copies of the contexts it was submitted from; a pool
+    of other processes sends its call there and completes its future from here."""
+
+    __slots__ = ("args", "contexts", "fn", "future", "kwargs")
 
     def __init__(
         self,
@@ -1095,70 +1064,52 @@ class _Task:
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        captured: _CapturedContexts | None,
+        contexts: _CapturedContexts | None,
     ) -> None:
         self.future = future
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
-        self.captured = captured
-        # The queue slot the task holds (see _make_slots), freed when it is done.
-        self.slots: threading.BoundedSemaphore | None = None
+        self.contexts = contexts
 
     def run(self) -> None:
         future = self.future
-        if not future.set_running_or_notify_cancel():
-            if self.slots is not None:
-                self.slots.release()
+        if not future._start():
             return
         token = _current_future.set(future)
-        # Made here rather than at submit (g was copied then), so that a task waiting in
-        # the queue holds fewer objects for the cyclic garbage collector to traverse.
-        app_context = self.captured.app_context() if self.captured is not None else None
-        request_context = None
+        contexts = self.contexts
+        pushed = None
         error: BaseException | None = None
         try:
-            if app_context is not None:
-                app_context.push()
-                request_context = self.captured.take_request_context()  # type: ignore[union-attr]
-                if request_context is not None:
-                    request_context.push()
+            if contexts is not None:
+                pushed = contexts.push()
             result = self.fn(*self.args, **self.kwargs)
             if isinstance(result, types.CoroutineType):
                 result = _await(result)
         except BaseException as exception:
             error = exception
-            settings = future._settings
-            if settings is not None and settings.log_exceptions:
-                settings.app.logger.error("Task %s failed", _describe(self.fn), exc_info=exception)
+            self.log_failure(exception)
             # Still inside the contexts, so that done callbacks run in them too.
             future.set_exception(exception)
         else:
             future.set_result(result)
         finally:
             _current_future.reset(token)
-            try:
-                self._pop_contexts(app_context, request_context, error)
-            except Exception:
-                logger = future._settings.app.logger if future._settings is not None else _logger
-                logger.exception("A teardown function failed after task %s", _describe(self.fn))
-            if self.slots is not None:
-                self.slots.release()
+            if pushed is not None:
+                try:
+                    contexts.pop(pushed, error)  # type: ignore[union-attr]
+                except Exception:
+                    self.logger().exception("A teardown function failed after task %s", _describe(self.fn))
             error = None  # break the cycle through the traceback
 
-    def _pop_contexts(
-        self,
-        app_context: AppContext | None,
-        request_context: RequestContext | None,
-        error: BaseException | None,
-    ) -> None:
-        try:
-            if request_context is not None:
-                request_context.pop(error)
-                self.captured.keep_request_context(request_context)  # type: ignore[union-attr]
-        finally:
-            if app_context is not None:
-                app_context.pop(error)
+    def log_failure(self, exception: BaseException, where: str = "") -> None:
+        settings = self.future._settings
+        if settings is not None and settings.log_exceptions:
+            settings.app.logger.error("Task %s failed%s", _describe(self.fn), where, exc_info=exception)
+
+    def logger(self) -> logging.Logger:
+        settings = self.future._settings
+        return settings.app.logger if settings is not None else _logger
 
 
 def _await(coroutine: Coroutine[Any, Any, Any]) -> Any:
@@ -1193,16 +1144,23 @@ def _call_done_callback(fn: Callable[[Any], object], future: TaskFuture[Any]) ->
         settings.app.logger.error("Done callback %s of a task failed", _describe(fn), exc_info=error)
 
 
-def _run_in_worker(
+# What a worker process runs. A task's call travels pickled, and runs there inside
+# an app context of the same app when one can be had: the parent's own app in a
+# forked worker, else the one named by EXECUTOR_PROCESS_APP.
+
+
+def _run_pickled_call(call: bytes, app_reference: tuple[str, str | None] | None) -> Any:
+    fn, args, kwargs = pickle.loads(call)
+    return _run_call(fn, args, kwargs, app_reference, None)
+
+
+def _run_call(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     app_reference: tuple[str, str | None] | None,
     call_id: str | None,
 ) -> Any:
-    """Runs a task in another process, inside an app context of the same app when
-    one can be had there: the parent's own app in a forked worker, else the one
-    named by ``EXECUTOR_PROCESS_APP``."""
     # A forked worker starts with the context variables of the thread that forked
     # it, that thread's request included: a task must not see them.
     return contextvars.Context().run(_run_here, fn, args, kwargs, app_reference)
@@ -1236,6 +1194,14 @@ def _worker_app(app_key: str, import_string: str | None) -> flask.Flask | None:
     return app
 
 
+# Apps by init_app call, inherited by process workers forked from this process.
+_apps_for_forked_workers: weakref.WeakValueDictionary[str, flask.Flask] = weakref.WeakValueDictionary()
+# Apps a spawned process worker loaded from EXECUTOR_PROCESS_APP, by import string.
+_apps_loaded_in_worker: dict[str, flask.Flask] = {}
+# Where report_progress() writes in a process worker, whose reports go nowhere.
+_progress_sink: TaskFuture[Any] = TaskFuture()
+
+
 def _call_each(fn: Callable[..., T], calls: list[tuple[Any, ...]]) -> list[T]:
     return [fn(*call) for call in calls]
 
@@ -1259,60 +1225,74 @@ def _results_in_order(futures: list[TaskFuture[T]], end_time: float | None) -> I
             future.cancel()
 
 
-def _check_picklable(fn: Callable[..., Any]) -> None:
-    try:
-        if fn in _picklable_functions:
-            return
-    except TypeError:  # not hashable, or not weakly referable: check it every time
-        pass
-    try:
-        pickle.dumps(fn)
-    except Exception as error:
-        raise TypeError(
-            f"{_describe(fn)} cannot be sent to a process pool because it cannot be pickled"
-            f" ({error}): submit a function defined at module level (not a lambda, closure or"
-            " nested function), or use EXECUTOR_TYPE='thread'"
-        ) from None
-    try:
-        _picklable_functions.add(fn)
-    except TypeError:
-        pass
-
-
-# Functions already pickled once, so that each is checked on its first submit only.
-_picklable_functions: weakref.WeakSet[Callable[..., Any]] = weakref.WeakSet()
-
-
 def _describe(fn: Callable[..., Any]) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
-# Pools ---------------------------------------------------------------------------
-
 _FUTURE_ATTRIBUTES = frozenset(dir(TaskFuture()))
-
-# Apps by init_app call, inherited by process workers forked from this process.
-_apps_for_forked_workers: weakref.WeakValueDictionary[str, flask.Flask] = weakref.WeakValueDictionary()
-# Apps a spawned process worker loaded from EXECUTOR_PROCESS_APP, by import string.
-_apps_loaded_in_worker: dict[str, flask.Flask] = {}
-# Where report_progress() writes in a process worker, whose reports go nowhere.
-_progress_sink: TaskFuture[Any] = TaskFuture()
-
-# Process pools that broke, kept alive a while. A broken pool fails its futures in
-# its own manager thread, holding its shutdown lock, and so runs our callbacks
-# there; if they dropped the last reference to the pool, its collection callback
-# would take that same lock, and the thread would wait for itself forever.
-_broken_pools: collections.deque[concurrent.futures.Executor] = collections.deque(maxlen=8)
-
-_live_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
-_live_thread_pools: weakref.WeakSet[_ThreadPool] = weakref.WeakSet()
-# Every worker thread until it ends, including those of pools already shut down
-# or dropped, so that at exit the tasks they accepted still complete.
-_worker_threads: set[threading.Thread] = set()
+# A key that is no key: submit() stores nothing.
+_NO_KEY: Any = object()
 
 
-class _ThreadPool:
-    """The thread pool behind ``EXECUTOR_TYPE = 'thread'``.
+# Pools: where tasks run ----------------------------------------------------------------
+#
+# One class per kind of pool, each behind the interface of _Pool, and one function,
+# _make_pool, that chooses the kind from the configuration.
+
+
+class _Pool:
+    """What every kind of pool does for its :class:`Executor`."""
+
+    #: Whether tasks run in threads of this process, and so get the contexts pushed.
+    pushes_contexts: ClassVar[bool] = True
+    #: How many tasks run at once; ``None`` when each runs as it is submitted.
+    worker_count: int | None = None
+
+    def schedule(self, task: _Task) -> None:
+        """Accepts a task: it runs, unless its future is cancelled before it starts.
+
+        :raises RuntimeError: the pool was shut down.
+        """
+        raise NotImplementedError
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        """Accepts no more tasks; see :meth:`Executor.shutdown`."""
+        raise NotImplementedError
+
+    def after_fork(self) -> _Pool:
+        """A pool of the same kind for a new process forked from this one, where the
+        threads and locks of this pool are of no use."""
+        raise NotImplementedError
+
+    def batch_size(self, chunksize: int) -> int:
+        """How many calls of :meth:`Executor.map` travel to a worker together."""
+        return 1
+
+
+class _InlinePool(_Pool):
+    """``EXECUTOR_TYPE = 'sync'``, for tests: a task runs in the thread that submits
+    it, before ``submit()`` returns. With ``EXECUTOR_PROPAGATE_EXCEPTIONS``,
+    ``submit()`` raises what the task raised."""
+
+    def __init__(self, propagate_exceptions: bool) -> None:
+        self._propagate_exceptions = propagate_exceptions
+
+    def schedule(self, task: _Task) -> None:
+        task.run()
+        if self._propagate_exceptions:
+            exception = task.future.exception()
+            if exception is not None:
+                raise exception
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        pass
+
+    def after_fork(self) -> _Pool:
+        return self
+
+
+class _ThreadPool(_Pool):
+    """``EXECUTOR_TYPE = 'thread'``: worker threads of this process.
 
     Not :class:`~concurrent.futures.ThreadPoolExecutor`, because that one makes a
     future of its own for every task and completes it after the function returns,
@@ -1320,8 +1300,10 @@ class _ThreadPool:
     inside them, so done callbacks run there, and a task costs one future, not two.
     """
 
+    worker_count: int
+
     def __init__(self, max_workers: int, thread_name_prefix: str) -> None:
-        self._max_workers = max_workers
+        self.worker_count = max_workers
         self._thread_name_prefix = thread_name_prefix
         self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
@@ -1341,7 +1323,7 @@ class _ThreadPool:
             self._queue.put(task)
             # A thread for each of the first max_workers tasks, then no more: it saves
             # counting idle workers on every submit, for at most max_workers idle threads.
-            if len(self._threads) < self._max_workers:
+            if len(self._threads) < self.worker_count:
                 thread = threading.Thread(
                     target=_work,
                     args=(self._queue,),
@@ -1354,7 +1336,7 @@ class _ThreadPool:
                 thread.start()
                 self._threads.append(thread)
 
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         with self._lock:
             self._shut_down = True
             if cancel_futures:
@@ -1364,13 +1346,14 @@ class _ThreadPool:
                     except queue.Empty:
                         break
                     if task is not None:
-                        if task.slots is not None:
-                            task.slots.release()
                         task.future.cancel()
             self._queue.put(None)
         if wait:
             for thread in self._threads:
                 thread.join()
+
+    def after_fork(self) -> _Pool:
+        return _ThreadPool(self.worker_count, self._thread_name_prefix)
 
 
 def _work(tasks: queue.SimpleQueue[_Task | None]) -> None:
@@ -1384,75 +1367,796 @@ def _work(tasks: queue.SimpleQueue[_Task | None]) -> None:
         del task
 
 
-_Pool = _ThreadPool | concurrent.futures.Executor
+# Thread pools, and every worker thread until it ends (including those of pools
+# already shut down or dropped), so that at exit the tasks they accepted complete.
+_live_thread_pools: weakref.WeakSet[_ThreadPool] = weakref.WeakSet()
+_worker_threads: set[threading.Thread] = set()
+
+
+class _ConfiguredThreadPool(_Pool):
+    """``EXECUTOR_TYPE`` naming a :class:`~concurrent.futures.ThreadPoolExecutor`
+    or a subclass (gevent's, say): its threads run tasks as :class:`_ThreadPool`'s
+    do, inside their contexts."""
+
+    def __init__(
+        self,
+        make_executor: Callable[[], concurrent.futures.Executor],
+        executor: concurrent.futures.Executor | None,
+        worker_count: int,
+    ) -> None:
+        self._make_executor = make_executor
+        self._executor = executor
+        self.worker_count = worker_count
+        self._lock = threading.Lock()
+
+    def schedule(self, task: _Task) -> None:
+        with self._lock:
+            if self._executor is None:
+                self._executor = self._make_executor()
+            executor = self._executor
+        handed_over = executor.submit(task.run)
+        # shutdown(cancel_futures=True) cancels the executor's futures, not ours.
+        handed_over.add_done_callback(functools.partial(_cancel_if_cancelled, task.future))
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+    def after_fork(self) -> _Pool:
+        return _ConfiguredThreadPool(self._make_executor, None, cast(int, self.worker_count))
+
+
+def _cancel_if_cancelled(future: TaskFuture[Any], handed_over: concurrent.futures.Future[Any]) -> None:
+    if handed_over.cancelled():
+        future.cancel()
+
+
+class _HandOverPool(_Pool):
+    """What the pools that run tasks in other processes share. Each call is handed
+    to an executor, which gives its own future back; when that one settles, the
+    task's future is completed from it, here, so done callbacks run in this process.
+    A task counts as running from the moment it is handed over.
+
+    An executor that breaks (one of its worker processes died) fails the tasks it
+    had, and is replaced by a new one for the tasks that follow."""
+
+    pushes_contexts = False
+
+    def __init__(
+        self,
+        make_executor: Callable[[], concurrent.futures.Executor],
+        executor: concurrent.futures.Executor | None,
+        worker_count: int,
+        app_reference: tuple[str, str | None] | None,
+    ) -> None:
+        self._make_executor = make_executor
+        self._executor = executor  # made on the first task, when None
+        self.worker_count = worker_count
+        self._app_reference = app_reference
+        self._lock = threading.Lock()
+        self._shut_down = False
+
+    def batch_size(self, chunksize: int) -> int:
+        return chunksize
+
+    def after_fork(self) -> _Pool:
+        # The parent's executor is never collected here: collecting it takes a lock
+        # that a thread of the parent may have held when the process forked.
+        if self._executor is not None:
+            _left_behind.append(self._executor)
+        return type(self)(self._make_executor, None, cast(int, self.worker_count), self._app_reference)
+
+    def _hand_over(self, task: _Task, call: tuple[Any, ...]) -> None:
+        for attempt in (1, 2):
+            with self._lock:
+                if self._executor is None:
+                    self._executor = self._make_executor()
+                executor = self._executor
+            try:
+                handed_over = executor.submit(*call)
+            except concurrent.futures.BrokenExecutor:
+                # Broken since its last task finished: a new executor takes this one.
+                self._forget_broken(executor, task)
+                if attempt == 2:
+                    raise
+            else:
+                handed_over.add_done_callback(functools.partial(self._settle, task, executor))
+                return
+
+    def _settle(
+        self, task: _Task, executor: concurrent.futures.Executor, handed_over: concurrent.futures.Future[Any]
+    ) -> None:
+        future = task.future
+        try:
+            exception = handed_over.exception()
+        except concurrent.futures.CancelledError as cancelled:
+            exception = cancelled  # the executor cancelled it (Dask's does at shutdown)
+        if exception is None:
+            future.set_result(handed_over.result())
+            return
+        if isinstance(exception, concurrent.futures.BrokenExecutor):
+            self._forget_broken(executor, task)
+        else:
+            task.log_failure(exception, " in a worker process")
+        future.set_exception(exception)
+
+    def _forget_broken(self, executor: concurrent.futures.Executor, task: _Task) -> None:
+        with self._lock:
+            if self._executor is not executor:
+                return  # already replaced: the event was logged then
+            self._executor = None
+            # Kept alive, never shut down: a broken executor fails its futures in its
+            # own manager thread, holding its shutdown lock, so our callbacks run
+            # there; dropping the last reference there would make its collection
+            # take that same lock, and the thread would wait for itself forever.
+            _left_behind.append(executor)
+        task.logger().warning(
+            "A worker process died (killed, out of memory, or os._exit); the tasks it may have"
+            " reached failed with %s, and a new pool takes the tasks that follow",
+            type(executor).__name__
+            if not isinstance(executor, concurrent.futures.ProcessPoolExecutor)
+            else "BrokenProcessPool",
+        )
+
+
+# Executors left behind by a fork or because they broke; see _HandOverPool.
+_left_behind: collections.deque[concurrent.futures.Executor] = collections.deque(maxlen=16)
+
+
+class _ProcessPool(_HandOverPool):
+    """``EXECUTOR_TYPE = 'process'``, or one naming a
+    :class:`~concurrent.futures.ProcessPoolExecutor`: worker processes.
+
+    Tasks wait in a queue of this pool, and only as many are handed to the
+    ProcessPoolExecutor as its workers and its call queue take (one more than the
+    workers). So a task cancelled while it waits is never sent; a waiting task is
+    pending and a handed-over one running, as the executor's own futures say; and
+    when a worker dies and the executor breaks, only the handed-over tasks fail
+    with BrokenProcessPool. The waiting ones provably never reached a worker, and
+    run on the new executor.
+
+    A call is pickled at submit, in the submitting thread, so that what cannot be
+    pickled is reported there, naming the function and the argument."""
+
+    def __init__(
+        self,
+        make_executor: Callable[[], concurrent.futures.Executor],
+        executor: concurrent.futures.Executor | None,
+        worker_count: int,
+        app_reference: tuple[str, str | None] | None,
+    ) -> None:
+        super().__init__(make_executor, executor, worker_count, app_reference)
+        self._waiting: collections.deque[tuple[_Task, bytes]] = collections.deque()
+        self._handed_over = 0
+
+    def schedule(self, task: _Task) -> None:
+        call = _pickled_call(task.fn, task.args, task.kwargs)
+        with self._lock:
+            if self._shut_down:
+                raise RuntimeError("cannot schedule new tasks after shutdown")
+            self._waiting.append((task, call))
+        self._hand_over_waiting()
+
+    def _hand_over_waiting(self) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting or self._handed_over > cast(int, self.worker_count):
+                    return
+                task, call = self._waiting.popleft()
+                if not task.future._start():
+                    continue  # cancelled while it waited
+                self._handed_over += 1
+            self._hand_over_one(task, call)
+
+    def _hand_over_one(self, task: _Task, call: bytes) -> None:
+        try:
+            self._hand_over(task, (_run_pickled_call, call, self._app_reference))
+        except BaseException as error:  # the executor was shut down or broke twice
+            self._settle_unsent(task, error)
+
+    def _settle(
+        self, task: _Task, executor: concurrent.futures.Executor, handed_over: concurrent.futures.Future[Any]
+    ) -> None:
+        with self._lock:
+            self._handed_over -= 1
+        super()._settle(task, executor, handed_over)
+        self._hand_over_waiting()
+
+    def _settle_unsent(self, task: _Task, error: BaseException) -> None:
+        with self._lock:
+            self._handed_over -= 1
+        task.future.set_exception(error)
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        with self._lock:
+            self._shut_down = True
+            waiting, self._waiting = self._waiting, collections.deque()
+        for task, call in waiting:  # accepted, so they run, unless cancel_futures
+            if cancel_futures:
+                task.future.cancel()
+            elif task.future._start():
+                with self._lock:
+                    self._handed_over += 1
+                self._hand_over_one(task, call)
+        executor = self._executor
+        if executor is not None:
+            executor.shutdown(wait=wait)
+
+
+def _pickled_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    from multiprocessing.reduction import ForkingPickler  # as the process pool pickles
+
+    try:
+        return bytes(ForkingPickler.dumps((fn, args, kwargs)))
+    except Exception as error:
+        raise TypeError(_why_unpicklable(fn, args, kwargs, error)) from error
+
+
+def _why_unpicklable(
+    fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], error: Exception
+) -> str:
+    from multiprocessing.reduction import ForkingPickler
+
+    try:
+        ForkingPickler.dumps(fn)
+    except Exception as fn_error:
+        return (
+            f"{_describe(fn)} cannot be sent to a process pool because it cannot be pickled"
+            f" ({fn_error}): submit a function defined at module level (not a lambda, closure or"
+            " nested function), or use EXECUTOR_TYPE='thread'"
+        )
+    if fn is _call_each:  # a batch of map() calls
+        fn, calls = args
+        places = [(f"an item passed to map() for {_describe(fn)}", item) for call in calls for item in call]
+    else:
+        places = [(f"argument {index} of {_describe(fn)}", value) for index, value in enumerate(args)]
+        places += [(f"keyword argument {name!r} of {_describe(fn)}", value) for name, value in kwargs.items()]
+    for place, value in places:
+        try:
+            ForkingPickler.dumps(value)
+        except Exception as value_error:
+            return (
+                f"{place} ({type(value).__name__}) cannot be sent to a process pool because it cannot"
+                f" be pickled ({value_error}): pass plain data (not locks, open files, connections or"
+                " app objects), or use EXECUTOR_TYPE='thread'"
+            )
+    return f"the call of {_describe(fn)} cannot be sent to a process pool: it cannot be pickled ({error})"
+
+
+class _ConfiguredPool(_HandOverPool):
+    """``EXECUTOR_TYPE`` naming any other executor, one that runs tasks elsewhere
+    (Dask, loky). It decides what runs when, so each call is handed over at once,
+    as it is: the executor sends it as it can (Dask and loky can send a lambda)."""
+
+    def schedule(self, task: _Task) -> None:
+        with self._lock:
+            if self._shut_down:
+                raise RuntimeError("cannot schedule new tasks after shutdown")
+        if task.future._start():
+            # A unique id in every call: some executors (Dask's) run a call only once
+            # when it is submitted again with the same arguments.
+            call_id = uuid.uuid4().hex
+            self._hand_over(task, (_run_call, task.fn, task.args, task.kwargs, self._app_reference, call_id))
+
+    def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        with self._lock:
+            self._shut_down = True
+            executor = self._executor
+        if executor is None:
+            return
+        # Everything was handed over, so there is nothing of ours to cancel. A
+        # configured executor may not take cancel_futures (Dask's does not), and may
+        # cancel what it holds when not waiting (Dask's does), so another thread waits.
+        if wait:
+            executor.shutdown(wait=True)
+        else:
+            threading.Thread(target=executor.shutdown, name="flask_executor_shutdown", daemon=True).start()
+
+
+class _QueueBound:
+    """``EXECUTOR_QUEUE_SIZE``: a slot for each task that is running or waiting, as
+    many as the workers plus the queue size. A task takes one when it is accepted and
+    frees it when its future is done (finished, failed or cancelled), so once every
+    worker is busy, the slots left are those for waiting tasks."""
+
+    def __init__(self, config: _Config, worker_count: int) -> None:
+        self._slots = threading.Semaphore(cast(int, config.queue_size) + worker_count)
+        self._config = config
+
+    @classmethod
+    def for_pool(cls, config: _Config, pool: _Pool) -> _QueueBound | None:
+        if config.queue_size is None or pool.worker_count is None:
+            return None
+        return cls(config, pool.worker_count)
+
+    def take(self, future: TaskFuture[Any], fn: Callable[..., Any]) -> None:
+        config = self._config
+        timeout = config.queue_timeout
+        if not (self._slots.acquire(timeout=timeout) if timeout else self._slots.acquire(blocking=False)):
+            raise QueueFull(
+                f"{config.queue_size} tasks are already waiting for a worker ({config.prefix}QUEUE_SIZE"
+                f"={config.queue_size}); {_describe(fn)} was not accepted and will not run. Retry"
+                f" later, or raise {config.prefix}QUEUE_SIZE or {config.prefix}QUEUE_TIMEOUT"
+            )
+        # The base class's method: freeing a slot needs no app context.
+        concurrent.futures.Future.add_done_callback(future, self._free)
+
+    def give_back(self) -> None:
+        """Frees the slot of a task that was not accepted after all."""
+        self._slots.release()
+
+    def _free(self, future: concurrent.futures.Future[Any]) -> None:
+        self._slots.release()
 
 
 def _make_pool(config: _Config, name: str) -> _Pool:
+    """The pool ``EXECUTOR_TYPE`` asks for; the one place that tells kinds apart.
+
+    :raises ValueError: a configured executor could not be made.
+    """
+    cpus = os.cpu_count() or 1
+    if config.kind == "sync":
+        return _InlinePool(config.propagate_exceptions)
     if config.kind == "thread":
-        return _ThreadPool(_worker_count(config), f"flask_executor_{name}" if name else "flask_executor")
+        # The default of concurrent.futures.ThreadPoolExecutor.
+        workers = config.max_workers or min(32, cpus + 4)
+        return _ThreadPool(workers, f"flask_executor_{name}" if name else "flask_executor")
+    app_reference = (config.app_key, config.process_app) if config.push_app_context else None
     if config.kind == "process":
-        options: dict[str, Any] = {"max_workers": _worker_count(config)}
-        if config.mp_context is not None:
-            import multiprocessing  # here: thread pools never need it, and it is slow to import
+        make_process_pool = functools.partial(_new_process_pool, config)
+        return _ProcessPool(make_process_pool, None, config.max_workers or cpus, app_reference)
+    make_configured = functools.partial(_new_configured_executor, config)
+    executor = make_configured()  # here, so that init_app reports what is wrong with it
+    if isinstance(executor, concurrent.futures.ThreadPoolExecutor):
+        return _ConfiguredThreadPool(make_configured, executor, config.max_workers or cpus)
+    if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
+        return _ProcessPool(make_configured, executor, config.max_workers or cpus, app_reference)
+    return _ConfiguredPool(make_configured, executor, config.max_workers or cpus, app_reference)
 
-            options["mp_context"] = multiprocessing.get_context(config.mp_context)
-        if config.max_tasks_per_child is not None:
-            options["max_tasks_per_child"] = config.max_tasks_per_child
-        return concurrent.futures.ProcessPoolExecutor(**options)
-    return _make_foreign_pool(config)
+
+def _new_process_pool(config: _Config) -> concurrent.futures.Executor:
+    options: dict[str, Any] = {"max_workers": config.max_workers or os.cpu_count() or 1}
+    if config.mp_context is not None:
+        import multiprocessing  # here: thread pools never need it, and it is slow to import
+
+        options["mp_context"] = multiprocessing.get_context(config.mp_context)
+    if config.max_tasks_per_child is not None:
+        options["max_tasks_per_child"] = config.max_tasks_per_child
+    return concurrent.futures.ProcessPoolExecutor(**options)
 
 
-def _make_foreign_pool(config: _Config) -> concurrent.futures.Executor:
+def _new_configured_executor(config: _Config) -> concurrent.futures.Executor:
     assert config.factory is not None
     options = {} if config.max_workers is None else {"max_workers": config.max_workers}
     try:
-        pool = config.factory(**options)
+        executor = config.factory(**options)
     except Exception as error:
         raise ValueError(
             f"{config.prefix}TYPE={config.factory!r} failed to make an executor: {error!r}"
         ) from error
-    if not isinstance(pool, concurrent.futures.Executor):
+    if not isinstance(executor, concurrent.futures.Executor):
         raise ValueError(
-            f"{config.prefix}TYPE={config.factory!r} returned {pool!r}, which is not a"
+            f"{config.prefix}TYPE={config.factory!r} returned {executor!r}, which is not a"
             " concurrent.futures.Executor"
         )
-    return pool
+    return executor
 
 
-def _take_slot(slots: threading.BoundedSemaphore, timeout: float) -> bool:
-    return slots.acquire(timeout=timeout) if timeout else slots.acquire(blocking=False)
+# Stores: where stored futures are kept ---------------------------------------------------
 
 
-def _make_slots(config: _Config) -> threading.BoundedSemaphore | None:
-    """A slot for each task that may be running or waiting, as EXECUTOR_QUEUE_SIZE
-    allows; a task frees its slot when it is done. Once every worker is busy, the
-    slots left are those for waiting tasks."""
-    if config.queue_size is None or config.kind == "sync":
+class _MemoryStore:
+    """Stored futures in this process's memory, by key: the default store.
+
+    Adding past ``max_length`` drops the oldest finished future (oldest by when it
+    was stored) without a scan: each stored future, when it finishes, puts its key
+    on a heap ordered by that. Only when none has finished does the oldest of all go.
+    """
+
+    def __init__(self) -> None:
+        self.futures: dict[Hashable, concurrent.futures.Future[Any]] = {}
+        # When each key was stored, to tell a heap entry of the stored future from
+        # one of a future that was popped since.
+        self._stored_at: dict[Hashable, int] = {}
+        self._finished: list[tuple[int, Hashable]] = []
+        # How many keys hold each future, so that ``future in collection`` is a
+        # dictionary lookup rather than a scan of every value.
+        self._key_counts: dict[concurrent.futures.Future[Any], int] = {}
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+
+    def add(self, key: Hashable, future: concurrent.futures.Future[Any], max_length: int) -> list[Hashable]:
+        """Stores ``future`` under ``key``; returns the keys of the unfinished
+        futures it had to drop to stay within ``max_length`` (0: no limit)."""
+        with self._lock:
+            if key in self.futures:
+                raise ValueError(
+                    f"future key {key!r} is already in use: pop() it first, or choose another key"
+                )
+            stored_at = next(self._next)
+            self.futures[key] = future
+            self._stored_at[key] = stored_at
+            self._key_counts[future] = self._key_counts.get(future, 0) + 1
+            dropped = self._drop_over(max_length, key) if max_length else []
+        # Outside the lock: a future already done calls back at once.
+        when_done = functools.partial(self._finished_one, key, stored_at)
+        if isinstance(future, concurrent.futures.Future):
+            concurrent.futures.Future.add_done_callback(future, when_done)  # no app context needed
+        else:
+            future.add_done_callback(when_done)
+        return dropped
+
+    def get(self, key: Hashable) -> concurrent.futures.Future[Any] | None:
+        try:
+            return self.futures.get(key)
+        except TypeError:  # not hashable, so not a key
+            return None
+
+    def pop(self, key: Hashable) -> concurrent.futures.Future[Any] | None:
+        with self._lock:
+            return self._remove(key) if key in self.futures else None
+
+    def discard(self, key: Hashable, future: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            if self.futures.get(key) is future:
+                self._remove(key)
+
+    def keys(self) -> list[Hashable]:
+        with self._lock:
+            return list(self.futures)
+
+    def contains(self, future_or_key: object) -> bool:
+        try:
+            return future_or_key in self._key_counts or future_or_key in self.futures
+        except TypeError:  # not hashable: neither a future nor a key
+            return False
+
+    def __len__(self) -> int:
+        return len(self.futures)
+
+    def after_fork(self) -> None:
+        self._lock = threading.Lock()
+
+    def _finished_one(self, key: Hashable, stored_at: int, future: object) -> None:
+        with self._lock:
+            if self._stored_at.get(key) != stored_at:
+                return  # popped or dropped since
+            heapq.heappush(self._finished, (stored_at, key))
+            # Popped keys leave entries behind; sweep them once they outnumber the rest.
+            if len(self._finished) > 2 * len(self.futures) + 64:
+                self._finished = [entry for entry in self._finished if self._is_stored(entry)]
+                heapq.heapify(self._finished)
+
+    def _drop_over(self, max_length: int, newest: Hashable) -> list[Hashable]:
+        dropped_unfinished = []
+        while len(self.futures) > max_length:
+            key = self._oldest_finished(newest)
+            if key is None:
+                key = next(iter(self.futures))
+                dropped_unfinished.append(key)
+            self._remove(key)
+        return dropped_unfinished
+
+    def _oldest_finished(self, newest: Hashable) -> Hashable | None:
+        finished = self._finished
+        while finished and not self._is_stored(finished[0]):
+            heapq.heappop(finished)
+        if not finished or finished[0][1] == newest:  # the one being added stays
+            return None
+        return heapq.heappop(finished)[1]
+
+    def _is_stored(self, entry: tuple[int, Hashable]) -> bool:
+        return self._stored_at.get(entry[1]) == entry[0]
+
+    def _remove(self, key: Hashable) -> concurrent.futures.Future[Any]:
+        future = self.futures.pop(key)
+        del self._stored_at[key]
+        count = self._key_counts[future] - 1
+        if count:
+            self._key_counts[future] = count
+        else:
+            del self._key_counts[future]
+        return future
+
+
+class _WarningLimiter:
+    """Logs the first of a run of like warnings, then at most one a minute with a
+    count of those held back: a flood of one event must not flood the log."""
+
+    interval = 60.0
+
+    def __init__(self) -> None:
+        self._quiet_until = 0.0
+        self._held_back = 0
+        self._lock = threading.Lock()
+
+    def warn(self, logger: logging.Logger, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._quiet_until:
+                self._held_back += 1
+                return
+            held_back, self._held_back = self._held_back, 0
+            self._quiet_until = now + self.interval
+        if held_back:
+            message += " (%d more like this since the last such warning)"
+            args += (held_back,)
+        logger.warning(message, *args)
+
+
+# Configuration -------------------------------------------------------------------------
+
+# Every key an executor reads, without its prefix (EXECUTOR_, or NAME_EXECUTOR_).
+_KEYS = (
+    "TYPE",
+    "MAX_WORKERS",
+    "FUTURES_MAX_LENGTH",
+    "PROPAGATE_EXCEPTIONS",
+    "PUSH_APP_CONTEXT",
+    "QUEUE_SIZE",
+    "QUEUE_TIMEOUT",
+    "LOG_EXCEPTIONS",
+    "MP_CONTEXT",
+    "MAX_TASKS_PER_CHILD",
+    "PROCESS_APP",
+)
+_TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
+_FALSE_WORDS = frozenset({"false", "no", "off", "0"})
+_START_METHODS = ("fork", "spawn", "forkserver")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    kind: str  # "thread", "process", "sync", or "configured" (made by ``factory``)
+    factory: Callable[..., concurrent.futures.Executor] | None
+    max_workers: int | None
+    futures_max_length: int
+    propagate_exceptions: bool
+    push_app_context: bool
+    queue_size: int | None
+    queue_timeout: float
+    log_exceptions: bool
+    mp_context: str | None
+    max_tasks_per_child: int | None
+    process_app: str | None
+    # Names the app to process workers forked from this one; see _worker_app.
+    app_key: str
+    prefix: str
+
+
+def _read_config(config: Mapping[str, Any], name: str) -> _Config:
+    """Reads and checks every key at once, so that a bad value is reported by
+    ``init_app`` rather than by the first submit, long after start-up."""
+    prefix = f"{name.upper()}_EXECUTOR_" if name else "EXECUTOR_"
+    type_key = prefix + "TYPE"
+    kind, factory = _read_type(type_key, config.get(type_key, "thread"))
+    max_workers = _read_integer(config, prefix + "MAX_WORKERS", None, minimum=1)
+    if kind == "process" and max_workers is not None and max_workers > _MAX_PROCESSES:
+        raise ValueError(
+            f"{prefix}MAX_WORKERS must be at most {_MAX_PROCESSES} for a process pool, got"
+            f" {config[prefix + 'MAX_WORKERS']!r}: each worker is a process of its own"
+        )
+    max_tasks_per_child = _read_integer(config, prefix + "MAX_TASKS_PER_CHILD", None, minimum=1)
+    mp_context = config.get(prefix + "MP_CONTEXT")
+    if mp_context is not None and mp_context not in _start_methods():
+        raise ValueError(
+            f"{prefix}MP_CONTEXT must be one of {', '.join(map(repr, _START_METHODS))} (where this"
+            f" platform has it), got {mp_context!r}"
+        )
+    if max_tasks_per_child is not None:
+        if sys.version_info < (3, 11):
+            raise ValueError(
+                f"{prefix}MAX_TASKS_PER_CHILD={max_tasks_per_child!r} needs Python 3.11 or later"
+            )
+        if mp_context == "fork":
+            raise ValueError(
+                f"{prefix}MAX_TASKS_PER_CHILD={max_tasks_per_child!r} cannot be used with"
+                f" {prefix}MP_CONTEXT='fork': choose 'spawn' or 'forkserver'"
+            )
+    return _Config(
+        kind=kind,
+        factory=factory,
+        max_workers=max_workers,
+        futures_max_length=_read_integer(config, prefix + "FUTURES_MAX_LENGTH", 50, minimum=0) or 0,
+        propagate_exceptions=_read_boolean(config, prefix + "PROPAGATE_EXCEPTIONS", False),
+        push_app_context=_read_boolean(config, prefix + "PUSH_APP_CONTEXT", True),
+        queue_size=_read_integer(config, prefix + "QUEUE_SIZE", None, minimum=0),
+        queue_timeout=_read_seconds(config, prefix + "QUEUE_TIMEOUT", 0.0),
+        log_exceptions=_read_boolean(config, prefix + "LOG_EXCEPTIONS", True),
+        mp_context=mp_context,
+        max_tasks_per_child=max_tasks_per_child,
+        process_app=_read_process_app(prefix + "PROCESS_APP", config.get(prefix + "PROCESS_APP")),
+        app_key=uuid.uuid4().hex,
+        prefix=prefix,
+    )
+
+
+# The process pool's call queue holds one more than its workers, in a semaphore.
+_MAX_PROCESSES = 2**31 - 2
+
+
+def _start_methods() -> list[str]:
+    import multiprocessing  # here: thread pools never need it, and it is slow to import
+
+    return multiprocessing.get_all_start_methods()
+
+
+def _read_type(key: str, value: Any) -> tuple[str, Callable[..., concurrent.futures.Executor] | None]:
+    if callable(value):
+        return "configured", value
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("thread", "process", "sync"):
+            return word, None
+        module_name, colon, attribute = value.strip().partition(":")
+        if colon and module_name and attribute:
+            try:
+                found: Any = importlib.import_module(module_name)
+                for part in attribute.split("."):
+                    found = getattr(found, part)
+            except (ImportError, AttributeError) as error:
+                raise ValueError(f"{key}={value!r} cannot be imported: {error}") from error
+            if not callable(found):
+                raise ValueError(f"{key}={value!r} names {found!r}, which is not callable")
+            return "configured", found
+    raise ValueError(
+        f"{key} must be 'thread', 'process', 'sync', an import string such as"
+        f" 'package.module:make_executor', or a callable returning a concurrent.futures.Executor;"
+        f" got {value!r}"
+    )
+
+
+def _read_integer(config: Mapping[str, Any], key: str, default: int | None, *, minimum: int) -> int | None:
+    value = config.get(key)
+    if value is None:
+        return default
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < minimum:
+        raise ValueError(f"{key} must be a whole number, {minimum} or more, got {value!r}")
+    return number
+
+
+def _read_seconds(config: Mapping[str, Any], key: str, default: float) -> float:
+    value = config.get(key)
+    if value is None:
+        return default
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = -1.0
+    if not 0 <= seconds <= threading.TIMEOUT_MAX:  # NaN fails this too
+        raise ValueError(
+            f"{key} must be a number of seconds from 0 to {threading.TIMEOUT_MAX:.0f}, got {value!r}"
+        )
+    return seconds
+
+
+def _read_boolean(config: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = config.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower() if isinstance(value, (str, int)) else None
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise ValueError(f"{key} must be true or false (or yes/no, on/off, 1/0), got {value!r}")
+
+
+def _read_process_app(key: str, value: Any) -> str | None:
+    """An import string as ``flask --app`` takes it: ``module``, ``module:app`` or
+    ``module:create_app()``. The module is looked for, not imported: it may be the
+    very module whose import is calling init_app."""
+    if value is None:
         return None
-    return threading.BoundedSemaphore(config.queue_size + _worker_count(config))
+    module_name, _, app_name = value.partition(":") if isinstance(value, str) else ("", "", "")
+    if not (
+        re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module_name)
+        and re.fullmatch(r"([A-Za-z_]\w*(\(.*\))?)?", app_name, re.DOTALL)
+    ):
+        raise ValueError(
+            f"{key} must be an import string such as 'package.module:app' or"
+            f" 'package.module:create_app()', got {value!r}"
+        )
+    if not _module_exists(module_name):
+        raise ValueError(
+            f"{key}={value!r} names module {module_name!r}, which cannot be found on sys.path: check"
+            " the name, and that the directory holding it is on the path of every process"
+        )
+    return cast(str, value)
 
 
-def _worker_count(config: _Config) -> int:
-    if config.max_workers is not None:
-        return config.max_workers
-    if config.kind == "thread":
-        return min(32, (os.cpu_count() or 1) + 4)  # as concurrent.futures.ThreadPoolExecutor
-    return os.cpu_count() or 1
+def _module_exists(name: str) -> bool:
+    """Whether ``import name`` would find a module, found as import finds it but
+    without running any module, not even the packages on the way."""
+    search_path = None
+    parts = name.split(".")
+    for depth in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:depth])
+        module = sys.modules.get(prefix)
+        if module is not None:
+            search_path = getattr(module, "__path__", None)
+        else:
+            spec = None
+            for finder in sys.meta_path:
+                find_spec = getattr(finder, "find_spec", None)
+                if find_spec is not None:
+                    spec = find_spec(prefix, search_path)
+                    if spec is not None:
+                        break
+            if spec is None:
+                return False
+            search_path = spec.submodule_search_locations
+        if depth < len(parts) and search_path is None:
+            return False  # a module, not a package: it holds no submodules
+    return True
 
 
-def _forget_pools_after_fork() -> None:
-    _live_thread_pools.clear()
-    _worker_threads.clear()
-    for executor in list(_live_executors):
-        executor._after_fork_in_child()
+def _warn_about_unknown_keys(app: flask.Flask, config: _Config) -> None:
+    """A misspelt key would be ignored without a word; name it, and the closest known one."""
+    known = [config.prefix + key for key in _KEYS]
+    for key in app.config:
+        if isinstance(key, str) and key.startswith(config.prefix) and key not in known:
+            closest = difflib.get_close_matches(key, known, n=1)
+            app.logger.warning(
+                "%s is not a configuration key of Flask-Executor, and is ignored%s",
+                key,
+                f": did you mean {closest[0]}?" if closest else "",
+            )
+
+
+# Processes: forks and exit -------------------------------------------------------------
+
+
+class _ThisProcess:
+    """Notices when this process is new, a fork of the one that made the executors:
+    from the fork hook when Python forks, and from the pid when a fork bypasses the
+    hook (uWSGI forks its workers in C). Then every executor starts over, without
+    the parent's threads, which do not exist here, and its locks, which one of those
+    threads may have held."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._starting: dict[int, threading.Event] = {}
+
+    def start_over(self) -> None:
+        pid = os.getpid()
+        if pid == self.pid:
+            return
+        # The first thread here starts over; others wait for it (setdefault is atomic).
+        started = threading.Event()
+        first = self._starting.setdefault(pid, started)
+        if first is not started:
+            first.wait()
+            return
+        _live_thread_pools.clear()
+        _worker_threads.clear()
+        for executor in list(_live_executors):
+            executor._start_over()
+        self.pid = pid
+        self._starting = {pid: started}
+        started.set()
 
 
 def _finish_thread_pools_at_exit() -> None:
+    if _this_process.pid != os.getpid():
+        return  # forked in C and never used here: the threads on record are the parent's
     for pool in list(_live_thread_pools):
-        pool.shutdown(wait=False)
+        pool.shutdown(wait=False, cancel_futures=False)
     for thread in list(_worker_threads):
         thread.join()
 
 
-os.register_at_fork(after_in_child=_forget_pools_after_fork)
+_this_process = _ThisProcess()
+_live_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
+os.register_at_fork(after_in_child=_this_process.start_over)
 atexit.register(_finish_thread_pools_at_exit)

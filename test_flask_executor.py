@@ -2855,7 +2855,10 @@ def test_reliability_gunicorn_preload_workers_answer(tmp_path):
 @pytest.mark.timeout(120)
 @pytest.mark.filterwarnings(REL_FORK_WARNING)
 @pytest.mark.parametrize("killer", [rel_task_kill_self, rel_task_exit_hard], ids=["sigkill", "os_exit"])
-def test_reliability_dead_process_worker(rel_executors, caplog, killer):
+def test_reliability_dead_process_worker_fails_only_tasks_handed_to_workers(rel_executors, caplog, killer):
+    # 3 workers: the pool hands a worker process at most 3 + 1 tasks at a time (those running
+    # and the next in line). When one dies, those fail with BrokenProcessPool; the tasks still
+    # waiting in Flask-Executor's own queue never reached a process, and run on a new pool.
     caplog.set_level(logging.DEBUG)
     app = rel_make_app(
         "dead_worker", EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=3, EXECUTOR_MP_CONTEXT="fork"
@@ -2865,23 +2868,22 @@ def test_reliability_dead_process_worker(rel_executors, caplog, killer):
 
     in_flight = [executor.submit(rel_task_sleep_return, i, 20) for i in range(2)]
     doomed = executor.submit(killer)
-    queued = [executor.submit(rel_task_sleep_return, i, 20) for i in range(2, 4)]
+    next_in_line = executor.submit(rel_task_sleep_return, 2, 20)
+    assert all(f.running() for f in [*in_flight, doomed, next_in_line])
+    waiting = [executor.submit(rel_task_sleep_return, i, 0) for i in range(3, 13)]
+    assert not any(f.running() or f.done() for f in waiting)
 
-    named = {
-        "doomed": doomed,
-        "in_flight_0": in_flight[0],
-        "in_flight_1": in_flight[1],
-        "queued_0": queued[0],
-        "queued_1": queued[1],
-    }
-    _, not_done = concurrent.futures.wait(list(named.values()), timeout=60)
+    handed_over = {"doomed": doomed, "in_flight_0": in_flight[0], "in_flight_1": in_flight[1]}
+    handed_over["next_in_line"] = next_in_line
+    _, not_done = concurrent.futures.wait([*handed_over.values(), *waiting], timeout=60)
     assert not not_done, "futures of the broken pool never finished: " + repr(
-        sorted(name for name, f in named.items() if f in not_done)
+        sorted(name for name, f in handed_over.items() if f in not_done)
     )
-    for name, future in named.items():
+    for name, future in handed_over.items():
         assert isinstance(future.exception(timeout=0), BrokenProcessPool), (name, future.exception())
+    assert [f.result(timeout=0) for f in waiting] == list(range(3, 13))
 
-    # the next submit builds a new pool and works
+    # the next submit works too
     assert executor.submit(rel_task_identity, "after").result(timeout=60) == "after"
     assert executor.submit(rel_task_pid_double, 4).result(timeout=60)[1] == 8
 
