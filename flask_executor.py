@@ -30,11 +30,15 @@ from __future__ import annotations
 import atexit
 import collections
 import concurrent.futures
+import contextlib
 import contextvars
+import copy
 import dataclasses
 import difflib
 import functools
+import hashlib
 import heapq
+import hmac
 import importlib
 import itertools
 import logging
@@ -42,6 +46,7 @@ import os
 import pickle
 import queue
 import re
+import stat
 import sys
 import threading
 import time
@@ -49,7 +54,18 @@ import types
 import uuid
 import weakref
 from collections.abc import Callable, Coroutine, Hashable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, NamedTuple, ParamSpec, TypeVar, cast, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Generic,
+    NamedTuple,
+    ParamSpec,
+    Protocol,
+    TypeVar,
+    cast,
+    overload,
+)
 
 import flask
 import flask.wrappers
@@ -65,9 +81,13 @@ __all__ = [
     "Executor",
     "ExecutorJob",
     "FutureCollection",
+    "FuturesStore",
     "Progress",
     "QueueFull",
+    "StoreError",
+    "StoredTask",
     "TaskFuture",
+    "TaskLost",
     "propagate_exceptions_callback",
     "report_progress",
 ]
@@ -139,6 +159,7 @@ class Executor(concurrent.futures.Executor):
             app = app._get_current_object()
         config = _read_config(app.config, self.name)
         _warn_about_unknown_keys(app, config)
+        store = _make_store(config, app, self.futures._store)
         pool = _make_pool(config, self.name)
         with self._lock:
             previous, self._pool = self._pool, pool
@@ -149,6 +170,7 @@ class Executor(concurrent.futures.Executor):
             self._shut_down = False
         self.futures.max_length = config.futures_max_length or None
         self.futures.logger = app.logger
+        self.futures._use(store)
         _apps_for_forked_workers[config.app_key] = app
         app.extensions[self.name + "executor"] = self
         if previous is not None:
@@ -455,11 +477,12 @@ class FutureCollection:
         self.max_length = max_length
         #: Where a future dropped before it finished is reported.
         self.logger: logging.Logger = _logger
-        self._store = _MemoryStore()
+        self._store: _MemoryStore | _SharedStore = _MemoryStore()
         # Code written for 1.0 reads stored futures from this mapping by key
         # (``futures._futures.get(key)``, as Flask-Shell2HTTP does).
-        self._futures = self._store.futures
+        self._futures: Any = self._store.futures
         self._eviction_warnings = _WarningLimiter()
+        self._forked = False
 
     def add(self, future_key: Hashable, future: concurrent.futures.Future[Any]) -> None:
         """Keeps ``future`` under ``future_key``.
@@ -468,6 +491,14 @@ class FutureCollection:
         """
         if future_key is None:
             raise ValueError("future_key cannot be None: choose a key, such as a string or a number")
+        if self._forked and not self._store.shared:
+            self._forked = False  # one warning is enough
+            self.logger.warning(
+                "Stored futures are kept per process, and this process was forked from the one that"
+                " bound the executor (gunicorn --preload, uWSGI): a request that another worker"
+                " serves will not find key %r. Set EXECUTOR_FUTURES_STORE to share them.",
+                future_key,
+            )
         for key in self._store.add(future_key, future, self.max_length or 0):
             self._eviction_warnings.warn(
                 self.logger,
@@ -544,6 +575,11 @@ class FutureCollection:
 
     def _after_fork(self) -> None:
         self._store.after_fork()
+        self._forked = True
+
+    def _use(self, store: _MemoryStore | _SharedStore) -> None:
+        self._store = store
+        self._futures = store.futures
 
 
 class TaskFuture(concurrent.futures.Future[T]):
@@ -568,6 +604,8 @@ class TaskFuture(concurrent.futures.Future[T]):
         #: The last :class:`Progress` reported by the task, or ``None``.
         self.progress: Progress | None = None
         self._settings: _TaskSettings | None = None
+        # Where a stored task's changes of state go when the store is shared.
+        self._entry: _Entry | None = None
 
     def add_done_callback(self, fn: Callable[[concurrent.futures.Future[T]], object]) -> None:
         super().add_done_callback(functools.partial(_call_done_callback, fn))
@@ -580,11 +618,27 @@ class TaskFuture(concurrent.futures.Future[T]):
         with self._condition:
             if self._state == "CANCELLED":
                 self.set_running_or_notify_cancel()
+        if self._entry is not None:
+            self._entry.finish(self)
         return True
+
+    def set_result(self, result: T) -> None:
+        super().set_result(result)
+        if self._entry is not None:  # after the done callbacks, which may change the result
+            self._entry.finish(self)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        super().set_exception(exception)
+        if self._entry is not None:
+            self._entry.finish(self)
 
     def _start(self) -> bool:
         """Marks the future running, unless it was cancelled; every pool calls this
         before it runs a task, or hands it to another executor."""
+        entry = self._entry
+        if entry is not None and self._state == "PENDING" and not entry.start():
+            self.cancel()  # cancelled by another process, or taken for lost
+            return False
         with self._condition:  # taken by cancel() too, so the two cannot interleave
             return self._state == "PENDING" and self.set_running_or_notify_cancel()
 
@@ -634,7 +688,9 @@ def report_progress(done: float, total: float | None = None, message: str | None
         raise ValueError(f"total must be more than 0 (or None when unknown), got {total!r}")
     if total is not None and done > total:
         raise ValueError(f"done ({done!r}) cannot be more than total ({total!r})")
-    future.progress = Progress(done, total, message)
+    progress = future.progress = Progress(done, total, message)
+    if future._entry is not None:
+        future._entry.progress(progress)
 
 
 class QueueFull(Exception):
@@ -646,6 +702,103 @@ class QueueFull(Exception):
         def busy(error):
             return "Too busy, try again in a minute", 503
     """
+
+
+class TaskLost(Exception):
+    """The exception of a stored task whose process died before the task finished
+    (killed, out of memory, a deploy that did not wait), as readers of a shared
+    store (``EXECUTOR_FUTURES_STORE``) see it, within seconds. The task may have
+    run in part; nothing retries it::
+
+        try:
+            report = executor.futures.result(key)
+        except TaskLost:
+            return "The server restarted while your report was being built: try again", 503
+    """
+
+
+class StoreError(RuntimeError):
+    """A shared store could not be used: it stayed locked too long, an entry in it
+    failed its signature check, or a result could not be stored (it could not be
+    pickled: only the process that ran the task has it). The message says which."""
+
+
+class StoredTask(NamedTuple):
+    """One task as a :class:`FuturesStore` keeps it."""
+
+    #: The store's own id of the entry, which it never reuses.
+    id: Any
+    #: The key, as the store keeps it (a string); ``None`` once popped while unfinished.
+    key: str | None
+    #: ``"PENDING"``, ``"RUNNING"``, ``"FINISHED"`` or ``"CANCELLED"``.
+    state: str
+    #: The process that accepted the task (a random token, new in each process).
+    owner: str
+    #: Whether that process has shown signs of life within the last few seconds.
+    owner_alive: bool
+    #: The signed, pickled result or exception, once finished.
+    outcome: bytes | None
+    #: The signed, pickled last :class:`Progress`.
+    progress: bytes | None
+
+
+class FuturesStore(Protocol):
+    """What ``EXECUTOR_FUTURES_STORE`` needs of a store, to plug in one of your own
+    (a database you already run): pass an object with these methods. Flask-Executor
+    signs, pickles, waits and tells lost tasks from live ones; the store only keeps
+    entries and changes them atomically. Keys and owners arrive as strings, outcome
+    and progress as signed bytes. The SQLite and Redis stores implement it::
+
+        app.config["EXECUTOR_FUTURES_STORE"] = MyPostgresStore(dsn)
+    """
+
+    def claim(self, key: str, owner: str, max_length: int) -> tuple[Any, list[str]] | None:
+        """Atomically: unless ``key`` is in use, stores a new ``PENDING`` entry for it,
+        owned by ``owner``, after dropping entries beyond ``max_length - 1`` (0: no
+        limit; finished ones first, oldest first), and marks ``owner`` alive. Returns
+        the entry's id and the keys of the unfinished entries dropped, or ``None``
+        when the key is in use."""
+
+    def transition(
+        self,
+        entry_id: Any,
+        owner: str,
+        from_states: tuple[str, ...],
+        to_state: str | None,
+        outcome: bytes | None = None,
+        progress: bytes | None = None,
+    ) -> bool:
+        """Atomically, if the entry is owned by ``owner`` and in one of ``from_states``:
+        sets the state (unless ``None``), and the outcome and progress (unless
+        ``None``). Returns whether it did."""
+
+    def cancel(self, key: str) -> bool:
+        """Atomically: marks the entry under ``key`` ``CANCELLED`` if it is ``PENDING``."""
+
+    def read(self, key: str) -> StoredTask | None:
+        """The entry under ``key``, or ``None``."""
+
+    def read_entry(self, entry_id: Any) -> StoredTask | None:
+        """The entry with this id, popped or not, or ``None``."""
+
+    def pop(self, key: str) -> StoredTask | None:
+        """Atomically: takes ``key`` out of use and returns its entry. A finished
+        entry is deleted; an unfinished one is kept without its key, for the popper."""
+
+    def delete(self, entry_id: Any) -> None:
+        """Deletes the entry with this id, if there is one."""
+
+    def keys(self) -> list[str]:
+        """The keys in use, oldest first."""
+
+    def count(self) -> int:
+        """How many keys are in use."""
+
+    def beat(self, owner: str, alive: bool) -> None:
+        """Marks ``owner`` alive now; with ``alive=False``, forgets it."""
+
+    def after_fork(self) -> None:
+        """Called in a new process forked from this one: drop connections."""
 
 
 def propagate_exceptions_callback(future: concurrent.futures.Future[Any]) -> None:
@@ -740,6 +893,7 @@ def _install_1_0_modules() -> None:
             "g": flask.g,
             "concurrent": concurrent,
             "contextvars": contextvars,
+            "copy": copy,
             "re": re,
         },
         "futures": {**shared, "Future": concurrent.futures.Future, "OrderedDict": collections.OrderedDict},
@@ -1500,7 +1654,7 @@ class _HandOverPool(_Pool):
 
 
 # Executors left behind by a fork or because they broke; see _HandOverPool.
-_left_behind: collections.deque[concurrent.futures.Executor] = collections.deque(maxlen=16)
+_left_behind: collections.deque[object] = collections.deque(maxlen=16)
 
 
 class _ProcessPool(_HandOverPool):
@@ -1765,6 +1919,8 @@ class _MemoryStore:
         self._next = itertools.count()
         self._lock = threading.Lock()
 
+    shared = False
+
     def add(self, key: Hashable, future: concurrent.futures.Future[Any], max_length: int) -> list[Hashable]:
         """Stores ``future`` under ``key``; returns the keys of the unfinished
         futures it had to drop to stay within ``max_length`` (0: no limit)."""
@@ -1884,6 +2040,992 @@ class _WarningLimiter:
         logger.warning(message, *args)
 
 
+class _SharedStore:
+    """Stored futures that every process naming the same store shares
+    (``EXECUTOR_FUTURES_STORE``); the backend keeps them (:class:`FuturesStore`).
+
+    A task still runs in the process that accepted it. That process writes each
+    change of the task's state to the store as it happens (through the task's
+    :class:`_Entry`), and any process reads the task from there, as a
+    :class:`_StoredFuture`. What travels is pickled and signed with the app's
+    ``SECRET_KEY``, and nothing whose signature fails is unpickled. The accepting
+    process keeps its own futures too, so that it has a result that could not be
+    pickled, and returns the future itself when it pops the key."""
+
+    shared = True
+
+    def __init__(self, backend: FuturesStore, signer: _Signer, logger: logging.Logger) -> None:
+        self.backend = backend
+        self.signer = signer
+        self.logger = logger
+        # Futures of the tasks this process accepted, by entry id, oldest first.
+        self._local: dict[Any, concurrent.futures.Future[Any]] = {}
+        self._unfinished = 0
+        self._lock = threading.Lock()
+        self._heartbeat: threading.Thread | None = None
+        #: What 1.0's ``futures._futures.get(key)`` reads.
+        self.futures = _StoredMapping(self)
+
+    def add(self, key: Hashable, future: concurrent.futures.Future[Any], max_length: int) -> list[Hashable]:
+        claimed = self.backend.claim(_encode_key(key), _this_process.token, max_length)
+        if claimed is None:
+            raise ValueError(
+                f"future key {key!r} is already in use, in this process or another: pop() it first,"
+                " or choose another key"
+            )
+        entry_id, dropped = claimed
+        entry = _Entry(self, entry_id, key)
+        with self._lock:
+            self._local[entry_id] = future
+            self._unfinished += 1
+            # Finished local futures beyond max_length go, as the store drops them too.
+            while max_length and len(self._local) > max_length:
+                oldest = next(iter(self._local))
+                if not self._local[oldest].done():
+                    break
+                del self._local[oldest]
+            if self._heartbeat is None:
+                self._heartbeat = threading.Thread(
+                    target=self._beat, name="flask_executor_heartbeat", daemon=True
+                )
+                self._heartbeat.start()
+        if isinstance(future, TaskFuture):
+            future._entry = entry
+        else:
+            concurrent.futures.Future.add_done_callback(future, entry.finish)
+        return [_decode_key(key) for key in dropped]
+
+    def get(self, key: Hashable) -> _StoredFuture | None:
+        record = self.backend.read(_encode_key(key)) if _is_store_key(key) else None
+        return None if record is None else _StoredFuture(self, record)
+
+    def pop(self, key: Hashable) -> Any:
+        record = self.backend.pop(_encode_key(key)) if _is_store_key(key) else None
+        if record is None:
+            return None
+        with self._lock:
+            local = self._local.pop(record.id, None)
+        if local is None:
+            return _StoredFuture(self, record, popped=True)
+        if record.state in _UNFINISHED:  # the store kept it for a reader in another process
+            self.backend.delete(record.id)
+        return local
+
+    def discard(self, key: Hashable, future: concurrent.futures.Future[Any]) -> None:
+        with self._lock:
+            entry_ids = [entry_id for entry_id, local in self._local.items() if local is future]
+            for entry_id in entry_ids:
+                del self._local[entry_id]
+                self._unfinished -= 1
+        for entry_id in entry_ids:
+            self.backend.delete(entry_id)
+
+    def keys(self) -> list[Hashable]:
+        stored = self.backend.keys()
+        return [_decode_key(key) for key in stored]
+
+    def contains(self, future_or_key: object) -> bool:
+        if isinstance(future_or_key, concurrent.futures.Future):
+            with self._lock:
+                return any(local is future_or_key for local in self._local.values())
+        return _is_store_key(future_or_key) and self.backend.read(_encode_key(future_or_key)) is not None
+
+    def __len__(self) -> int:
+        return self.backend.count()
+
+    def after_fork(self) -> None:
+        # The parent's tasks do not run here, and its heartbeat thread is gone.
+        self._local = {}
+        self._unfinished = 0
+        self._lock = threading.Lock()
+        self._heartbeat = None
+        self.backend.after_fork()
+
+    def local_future(self, entry_id: Any) -> concurrent.futures.Future[Any] | None:
+        return self._local.get(entry_id)
+
+    def finished_one(self) -> None:
+        with self._lock:
+            self._unfinished -= 1
+
+    def _beat(self) -> None:
+        # Tells readers in other processes that this one is alive while it has
+        # unfinished tasks; see TaskLost.
+        beating_for = None
+        while True:
+            time.sleep(_HEARTBEAT_SECONDS)
+            if _this_process.pid != os.getpid():
+                return  # a thread of the process this one was forked from
+            try:
+                if self._unfinished > 0:
+                    beating_for = _this_process.token
+                    self.backend.beat(beating_for, alive=True)
+                elif beating_for is not None:
+                    self.backend.beat(beating_for, alive=False)
+                    beating_for = None
+            except Exception:
+                self.logger.exception("Flask-Executor could not write its heartbeat to the store")
+
+
+_HEARTBEAT_SECONDS = 1.0
+# A process whose heartbeat is older than this is taken for dead, its tasks for lost.
+_LOST_AFTER_SECONDS = 5.0
+_UNFINISHED = ("PENDING", "RUNNING")
+
+
+class _Entry:
+    """The store's record of one task this process accepted: the task's future
+    reports each change of state to it, and it writes the change to the store."""
+
+    __slots__ = ("id", "key", "last_progress", "store")
+
+    def __init__(self, store: _SharedStore, entry_id: Any, key: Hashable) -> None:
+        self.store = store
+        self.id = entry_id
+        self.key = key
+        self.last_progress = 0.0
+
+    def start(self) -> bool:
+        """Whether the task may run: not when it was cancelled in another process
+        (or taken for lost). A task whose key was popped meanwhile runs untracked."""
+        store = self.store
+        if store.backend.transition(self.id, _this_process.token, ("PENDING",), "RUNNING"):
+            return True
+        record = store.backend.read_entry(self.id)
+        return record is None or record.state == "RUNNING"
+
+    def progress(self, progress: Progress) -> None:
+        # Written at most every 50 ms: a task may report on every row of a big file.
+        now = time.monotonic()
+        if now - self.last_progress >= 0.05:
+            self.last_progress = now
+            blob = self.store.signer.dumps("progress", progress)
+            self.store.backend.transition(self.id, _this_process.token, _UNFINISHED, None, progress=blob)
+
+    def finish(self, future: concurrent.futures.Future[Any]) -> None:
+        store = self.store
+        store.finished_one()
+        if future.cancelled():
+            state, outcome = "CANCELLED", None
+        else:
+            state, outcome = "FINISHED", store.signer.outcome(self.key, future)
+        progress = getattr(future, "progress", None)
+        written = store.backend.transition(
+            self.id,
+            _this_process.token,
+            _UNFINISHED,
+            state,
+            outcome=outcome,
+            progress=None if progress is None else store.signer.dumps("progress", progress),
+        )
+        if not written and store.backend.read_entry(self.id) is not None:
+            store.logger.warning(
+                "Task %r finished after another process had reported it lost (its heartbeat stopped"
+                " for %s s): readers in other processes see TaskLost, this process has the outcome",
+                self.key,
+                _LOST_AFTER_SECONDS,
+            )
+
+
+class _StoredFuture:
+    """A stored task as any process sees it, read from the store at each call. It
+    answers as a future does (``done()``, ``result(timeout)``...), but takes no
+    done callbacks: they run in the process that accepted the task."""
+
+    def __init__(self, store: _SharedStore, record: StoredTask, popped: bool = False) -> None:
+        self._store = store
+        self._record = record
+        self._fresh = True  # the record was just read: the first question needs no read
+        self._popped = popped
+
+    def done(self) -> bool:
+        return self._read().state not in _UNFINISHED
+
+    def running(self) -> bool:
+        return self._read().state == "RUNNING"
+
+    def cancelled(self) -> bool:
+        return self._read().state == "CANCELLED"
+
+    @property
+    def _state(self) -> str:
+        return self._read().state
+
+    @property
+    def progress(self) -> Progress | None:
+        record = self._read()
+        return (
+            None if record.progress is None else self._store.signer.loads("progress", record.progress, self)
+        )
+
+    def cancel(self) -> bool:
+        local = self._store.local_future(self._record.id)
+        if local is not None:
+            return local.cancel()
+        if self._record.key is None:
+            return self._read().state == "CANCELLED"
+        return self._store.backend.cancel(self._record.key) or self._read().state == "CANCELLED"
+
+    def result(self, timeout: float | None = None) -> Any:
+        kind, value = self._outcome(timeout)
+        if kind == "result":
+            return value
+        raise value
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        kind, value = self._outcome(timeout)
+        if kind == "result":
+            return None
+        if isinstance(value, concurrent.futures.CancelledError):
+            raise value
+        return cast(BaseException, value)
+
+    def add_done_callback(self, fn: Callable[..., object]) -> None:
+        raise RuntimeError(
+            f"task {self.key!r} was accepted by another process, which runs its done callbacks: add"
+            " them with executor.add_default_done_callback(), or to the future submit_stored() returns"
+        )
+
+    @property
+    def key(self) -> Hashable | None:
+        return None if self._record.key is None else _decode_key(self._record.key)
+
+    def __repr__(self) -> str:
+        return f"<StoredFuture {self.key!r} state={self._record.state}>"
+
+    def _read(self) -> StoredTask:
+        if self._fresh:
+            self._fresh = False
+        elif self._record.state in _UNFINISHED:
+            record = self._store.backend.read_entry(self._record.id)
+            if record is None:
+                raise concurrent.futures.CancelledError(
+                    f"task {self.key!r} was dropped from the store (popped by another reader, or evicted"
+                    " to stay within EXECUTOR_FUTURES_MAX_LENGTH) before it finished"
+                )
+            self._record = record
+        record = self._record
+        if record.state in _UNFINISHED and not record.owner_alive and record.owner != _this_process.token:
+            lost_task = TaskLost(
+                f"task {self.key!r} was lost: the process running it stopped (killed, out of memory, or a"
+                f" deploy that did not wait) before it finished; nothing retries it"
+            )
+            lost = self._store.signer.dumps("outcome", ("exception", lost_task))
+            self._store.backend.transition(record.id, record.owner, _UNFINISHED, "FINISHED", outcome=lost)
+            self._record = self._store.backend.read_entry(record.id) or record._replace(
+                state="FINISHED", outcome=lost
+            )
+        return self._record
+
+    def _outcome(self, timeout: float | None) -> tuple[str, Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.001
+        record = self._read()
+        while record.state in _UNFINISHED:
+            local = self._store.local_future(record.id)
+            if local is not None:  # accepted here: wait for it here
+                local.exception(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            elif deadline is not None and time.monotonic() >= deadline:
+                raise concurrent.futures.TimeoutError(f"task {self.key!r} did not finish within {timeout} s")
+            else:
+                time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 0.05)
+            record = self._read()
+        if record.state == "CANCELLED":
+            return "exception", concurrent.futures.CancelledError(f"task {self.key!r} was cancelled")
+        local = self._store.local_future(record.id)
+        if local is not None and local.done() and not local.cancelled():  # the real value, pickled or not
+            exception = local.exception()
+            outcome: tuple[str, Any] = (
+                ("result", local.result()) if exception is None else ("exception", exception)
+            )
+        else:
+            outcome = self._store.signer.loads("outcome", cast(bytes, record.outcome), self)
+        if self._popped and record.key is None:
+            self._store.backend.delete(record.id)  # detached for this reader, who has it now
+        if outcome[0] == "unpicklable":
+            raise StoreError(
+                f"the outcome of task {self.key!r} could not be stored ({outcome[1]}): only the process"
+                " that ran it has it"
+            )
+        return outcome
+
+
+class _StoredMapping:
+    """1.0's ``futures._futures``, a mapping of keys to futures, over a shared store."""
+
+    def __init__(self, store: _SharedStore) -> None:
+        self._store = store
+
+    def get(self, key: Hashable, default: Any = None) -> Any:
+        found = self._store.get(key)
+        return default if found is None else found
+
+    def __getitem__(self, key: Hashable) -> _StoredFuture:
+        found = self._store.get(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def __contains__(self, key: object) -> bool:
+        return self._store.contains(key)
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return iter(self._store.keys())
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def keys(self) -> list[Hashable]:
+        return self._store.keys()
+
+
+def _is_store_key(key: object) -> bool:
+    return isinstance(key, str) or (isinstance(key, int) and not isinstance(key, bool))
+
+
+def _encode_key(key: Hashable) -> str:
+    if isinstance(key, str):
+        return "s:" + key
+    if isinstance(key, int) and not isinstance(key, bool):
+        return f"i:{key}"
+    raise TypeError(f"future keys of a shared store are strings or whole numbers, got {key!r}")
+
+
+def _decode_key(key: str) -> Hashable:
+    return key[2:] if key.startswith("s:") else int(key[2:])
+
+
+class _Signer:
+    """Pickles what goes into a shared store and signs it with the app's
+    ``SECRET_KEY``; unpickles what comes out only if its signature holds, because
+    unpickling runs code, and a store that others can write must not let them run
+    it in the app."""
+
+    def __init__(self, secret_key: str | bytes, namespace: str, logger: logging.Logger) -> None:
+        secret = secret_key.encode() if isinstance(secret_key, str) else secret_key
+        self._key = hashlib.sha256(b"flask-executor store\0" + secret).digest()
+        self._namespace = namespace.encode() + b"\0"
+        self._logger = logger
+
+    def dumps(self, field: str, value: object) -> bytes:
+        payload = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        return self._mac(field, payload) + payload
+
+    def outcome(self, key: Hashable, future: concurrent.futures.Future[Any]) -> bytes:
+        exception = future.exception()
+        outcome = ("result", future.result()) if exception is None else ("exception", exception)
+        try:
+            return self.dumps("outcome", outcome)
+        except Exception as error:
+            return self.dumps("outcome", ("unpicklable", f"{type(error).__name__}: {error}"))
+
+    def loads(self, field: str, blob: bytes, reader: _StoredFuture) -> Any:
+        mac, payload = blob[:32], blob[32:]
+        if not hmac.compare_digest(mac, self._mac(field, payload)):
+            self._logger.error(
+                "The stored %s of task %r failed its signature check and was not unpickled: it was"
+                " written by something other than this app (or with another SECRET_KEY)",
+                field,
+                reader.key,
+            )
+            raise StoreError(
+                f"the stored {field} of task {reader.key!r} failed its signature check, so it was not"
+                " read: something other than an app with this SECRET_KEY wrote it"
+            )
+        return pickle.loads(payload)
+
+    def _mac(self, field: str, payload: bytes) -> bytes:
+        return hmac.new(
+            self._key, self._namespace + field.encode() + b"\0" + payload, hashlib.sha256
+        ).digest()
+
+
+class _SQLiteStore:
+    """``EXECUTOR_FUTURES_STORE = "/path/to/file"``: a SQLite database in WAL mode,
+    which every process of the machine that names the file shares. Each thread
+    has a connection of its own; a write takes one short transaction, and a read
+    none (WAL readers never wait for the writer)."""
+
+    application_id = 0x46455846  # "FEXF", so that a file of another program is told apart
+
+    def __init__(self, path: str, namespace: str, key: str, ttl: float | None) -> None:
+        import sqlite3  # here: most apps never configure a store
+
+        self._sqlite3 = sqlite3
+        self._path = path
+        self._namespace = namespace
+        self._key = key
+        self._ttl = ttl
+        self._connections = threading.local()
+        # Threads of one process take turns to write here, so that only other
+        # processes ever find the database locked.
+        self._write_lock = threading.Lock()
+        self._beaten: dict[str, float] = {}  # when this process last marked an owner alive
+        self._swept = 0.0  # when it last removed entries older than the TTL
+        self._pid = os.getpid()
+        self._check_and_create()
+
+    # The FuturesStore interface.
+
+    def claim(self, key: str, owner: str, max_length: int) -> tuple[Any, list[str]] | None:
+        # Single statements, each a transaction of its own: the common path of a
+        # claim is one insert and one read.
+        now = time.time()
+        insert = "INSERT OR IGNORE INTO tasks (namespace, key, state, owner) VALUES (?, ?, 'PENDING', ?)"
+        entry_id = self._write(insert, (self._namespace, key, owner)).lastrowid
+        if not entry_id and self._ttl is not None:  # the key may be held by an expired entry
+            expired = "DELETE FROM tasks WHERE namespace = ? AND key = ? AND finished < ?"
+            self._write(expired, (self._namespace, key, now - self._ttl))
+            entry_id = self._write(insert, (self._namespace, key, owner)).lastrowid
+        if not entry_id:
+            return None
+        if self._beaten.get(owner, 0.0) < now - _HEARTBEAT_SECONDS:  # readers must see it alive at once
+            self.beat(owner, alive=True)
+        if self._ttl is not None and self._swept < now - _HEARTBEAT_SECONDS:
+            self._swept = now
+            self._write(
+                "DELETE FROM tasks WHERE namespace = ? AND finished < ?", (self._namespace, now - self._ttl)
+            )
+        dropped: list[str] = []
+        if max_length:
+            # The insert dropped finished entries; unfinished ones too, when no more are finished.
+            tasks = "SELECT tasks, max_length FROM namespaces WHERE namespace = ?"
+            count, limit = self._patiently(
+                lambda: self._connection().execute(tasks, (self._namespace,)).fetchone()
+            )
+            if limit != max_length or count > max_length:
+                with self._writing() as db:
+                    dropped = self._drop_over(db, max_length, entry_id)
+        return entry_id, dropped
+
+    def transition(
+        self,
+        entry_id: Any,
+        owner: str,
+        from_states: tuple[str, ...],
+        to_state: str | None,
+        outcome: bytes | None = None,
+        progress: bytes | None = None,
+    ) -> bool:
+        finished = time.time() if to_state in ("FINISHED", "CANCELLED") else None
+        placeholders = ", ".join("?" * len(from_states))
+        update = (
+            "UPDATE tasks SET state = coalesce(?, state), outcome = coalesce(?, outcome),"
+            " progress = coalesce(?, progress), finished = coalesce(?, finished)"
+            f" WHERE id = ? AND owner = ? AND state IN ({placeholders})"
+        )
+        parameters = (to_state, outcome, progress, finished, entry_id, owner, *from_states)
+        return bool(self._write(update, parameters).rowcount == 1)
+
+    def cancel(self, key: str) -> bool:
+        update = (
+            "UPDATE tasks SET state = 'CANCELLED', finished = ?"
+            " WHERE namespace = ? AND key = ? AND state = 'PENDING'"
+        )
+        return bool(self._write(update, (time.time(), self._namespace, key)).rowcount == 1)
+
+    def read(self, key: str) -> StoredTask | None:
+        return self._read("t.namespace = ? AND t.key = ?", (self._namespace, key))
+
+    def read_entry(self, entry_id: Any) -> StoredTask | None:
+        return self._read("t.id = ?", (entry_id,))
+
+    def pop(self, key: str) -> StoredTask | None:
+        with self._writing() as db:
+            record = self._read("t.namespace = ? AND t.key = ?", (self._namespace, key), db)
+            if record is not None:
+                if record.state in _UNFINISHED:  # kept, without its key, for the popper to read
+                    db.execute("UPDATE tasks SET key = NULL WHERE id = ?", (record.id,))
+                else:
+                    db.execute("DELETE FROM tasks WHERE id = ?", (record.id,))
+            return record
+
+    def delete(self, entry_id: Any) -> None:
+        self._write("DELETE FROM tasks WHERE id = ?", (entry_id,))
+
+    def keys(self) -> list[str]:
+        query = "SELECT key FROM tasks WHERE namespace = ? AND key IS NOT NULL ORDER BY id"
+        rows = self._patiently(lambda: self._connection().execute(query, (self._namespace,)).fetchall())
+        return [key for (key,) in rows]
+
+    def count(self) -> int:
+        query = "SELECT count(*) FROM tasks WHERE namespace = ? AND key IS NOT NULL"
+        return int(
+            self._patiently(lambda: self._connection().execute(query, (self._namespace,)).fetchone()[0])
+        )
+
+    def beat(self, owner: str, alive: bool) -> None:
+        now = time.time()
+        if alive:
+            upsert = "INSERT INTO owners VALUES (?, ?) ON CONFLICT (owner) DO UPDATE SET seen = excluded.seen"
+            self._write(upsert, (owner, now))
+            self._beaten[owner] = now
+        else:  # no unfinished task left: nothing to tell anyone (and forget the long dead)
+            self._write("DELETE FROM owners WHERE owner = ? OR seen < ?", (owner, now - 86400))
+            self._beaten.pop(owner, None)
+
+    def after_fork(self) -> None:
+        # A connection must not cross a fork; closing the parent's here could even
+        # delete its WAL file, so they are left alone, and new ones made.
+        _left_behind.append(self._connections)
+        self._connections = threading.local()
+        self._write_lock = threading.Lock()
+        self._pid = os.getpid()
+
+    # The rest.
+
+    def _read(self, where: str, parameters: tuple[Any, ...], db: Any = None) -> StoredTask | None:
+        query = (
+            "SELECT t.id, t.key, t.state, t.owner, t.outcome, t.progress, o.seen, t.finished FROM tasks t"
+            f" LEFT JOIN owners o ON o.owner = t.owner WHERE {where}"
+        )
+        if db is not None:
+            row = db.execute(query, parameters).fetchone()
+        else:
+            row = self._patiently(lambda: self._connection().execute(query, parameters).fetchone())
+        if row is None:
+            return None
+        entry_id, key, state, owner, outcome, progress, seen, finished = row
+        if self._ttl is not None and finished is not None and finished < time.time() - self._ttl:
+            return None
+        alive = seen is not None and seen > time.time() - _LOST_AFTER_SECONDS
+        return StoredTask(entry_id, key, state, owner, alive, outcome, progress)
+
+    def _drop_over(self, db: Any, limit: int, newest: Any) -> list[str]:
+        """Records ``limit`` for the insert trigger, and drops entries beyond it,
+        finished ones first, oldest first, never ``newest``; returns the keys of the
+        unfinished ones dropped."""
+        db.execute("UPDATE namespaces SET max_length = ? WHERE namespace = ?", (limit, self._namespace))
+        count = "SELECT tasks FROM namespaces WHERE namespace = ?"
+        excess = db.execute(count, (self._namespace,)).fetchone()[0] - limit
+        if excess <= 0:
+            return []
+        excess -= db.execute(
+            "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE namespace = ? AND finished IS NOT NULL"
+            " AND id != ? ORDER BY id LIMIT ?)",
+            (self._namespace, newest, excess),
+        ).rowcount
+        if excess <= 0:
+            return []
+        oldest = db.execute(
+            "SELECT id, key FROM tasks WHERE namespace = ? AND id != ? ORDER BY id LIMIT ?",
+            (self._namespace, newest, excess),
+        ).fetchall()
+        db.executemany("DELETE FROM tasks WHERE id = ?", [(entry_id,) for entry_id, _ in oldest])
+        return [key for _, key in oldest if key is not None]
+
+    def _connection(self) -> Any:
+        if self._pid != os.getpid():
+            self.after_fork()
+        connection = getattr(self._connections, "connection", None)
+        if connection is None:
+            connection = self._connect()
+            self._connections.connection = connection
+        return connection
+
+    def _connect(self) -> Any:
+        # isolation_level=None: no implicit transactions, _writing() begins each one.
+        # timeout=0: SQLite's own wait sleeps a millisecond or more at a time, so
+        # _patiently() retries instead, in steps of a fraction of one.
+        connection = self._sqlite3.connect(self._path, timeout=0, isolation_level=None)
+        connection.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode, and far faster
+        return connection
+
+    def _write(self, statement: str, parameters: tuple[Any, ...]) -> Any:
+        """Runs one statement, a transaction of its own."""
+        with self._write_lock:
+            connection = self._connection()
+            return self._patiently(lambda: connection.execute(statement, parameters))
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Any]:
+        with self._write_lock:
+            db = self._connection()
+            # IMMEDIATE takes the write lock now, so that the transaction never has to retry.
+            self._patiently(lambda: db.execute("BEGIN IMMEDIATE"))
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            else:
+                self._patiently(lambda: db.execute("COMMIT"))
+
+    def _patiently(self, operation: Callable[[], T]) -> T:
+        """Runs ``operation``, retrying while another process has the database
+        locked, for at most _STORE_WAIT_SECONDS: a request never hangs on a store
+        whose writer is stuck."""
+        deadline = time.monotonic() + _STORE_WAIT_SECONDS
+        delay = 0.0001
+        while True:
+            try:
+                return operation()
+            except self._sqlite3.OperationalError as error:
+                if "locked" not in str(error) and "busy" not in str(error):
+                    raise StoreError(f"the store {self._path} ({self._key}) failed: {error}") from error
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"the store {self._path} ({self._key}) stayed locked for {_STORE_WAIT_SECONDS:.0f} s:"
+                        " another process holds its write lock, and may be stuck"
+                    ) from error
+                time.sleep(delay)
+                delay = min(delay * 2, 0.005)
+
+    def _check_and_create(self) -> None:
+        sqlite3 = self._sqlite3
+        problem = _file_store_problem(self._path)
+        if problem is not None:
+            raise ValueError(f"{self._key}={self._path!r}: {problem}")
+        if sqlite3.sqlite_version_info < (3, 24):
+            raise ValueError(
+                f"{self._key} needs SQLite 3.24 or later; this Python has {sqlite3.sqlite_version}"
+            )
+        if not os.path.exists(self._path):
+            try:  # readable and writable by its owner only; SQLite gives its WAL files the same mode
+                os.close(os.open(self._path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                pass  # another process made it just now
+            except OSError as error:
+                raise ValueError(f"{self._key}={self._path!r} cannot be created: {error}") from error
+        try:
+            db = sqlite3.connect(self._path, timeout=_STORE_WAIT_SECONDS, isolation_level=None)
+            try:
+                self._create_schema(db)
+            finally:
+                db.close()
+        except sqlite3.DatabaseError as error:
+            raise ValueError(
+                f"{self._key}={self._path!r} is not a usable store ({error}): it may be corrupt, or a file of"
+                " another program; name a new file"
+            ) from error
+
+    def _create_schema(self, db: Any) -> None:
+        (application_id,) = db.execute("PRAGMA application_id").fetchone()
+        (tables,) = db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        if application_id != self.application_id and (application_id or tables):
+            raise ValueError(
+                f"{self._key}={self._path!r} is a SQLite database of another program: name a new file"
+            )
+        if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+            raise ValueError(f"{self._key}={self._path!r} is corrupt: name a new file, or delete this one")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("BEGIN IMMEDIATE")
+        db.execute(f"PRAGMA application_id = {self.application_id}")
+        for statement in _SQLITE_SCHEMA:
+            db.execute(statement)
+        db.execute("COMMIT")
+
+
+class _RedisStore:
+    """``EXECUTOR_FUTURES_STORE = "redis://host:port/db"`` (or ``rediss://``, with a
+    password in the URL if need be): Redis, which every process of every machine
+    that names it shares. Each operation is one Lua script, so it is atomic and
+    costs one round trip. A process shows it is alive with a key that expires."""
+
+    def __init__(self, url: str, namespace: str, key: str, ttl: float | None) -> None:
+        try:  # here: only apps that configure a Redis store need it
+            redis = importlib.import_module("redis")
+        except ImportError:
+            raise ValueError(f"{key}={_without_password(url)!r} needs redis-py: pip install redis") from None
+        self._prefix = f"flask_executor:{namespace}"
+        self._ttl = ttl
+        try:
+            self._redis = redis.Redis.from_url(url, socket_timeout=_STORE_WAIT_SECONDS)
+            self._redis.ping()
+        except (redis.RedisError, ValueError) as error:
+            raise ValueError(f"{key}={_without_password(url)!r} cannot be used: {error}") from error
+        self._error = redis.RedisError
+        self._scripts = {
+            name: self._redis.register_script(_REDIS_LIBRARY + body) for name, body in _REDIS_SCRIPTS.items()
+        }
+
+    def claim(self, key: str, owner: str, max_length: int) -> tuple[Any, list[str]] | None:
+        claimed = self._run("claim", key, owner, max_length, time.time(), self._ttl or 0, _LOST_AFTER_SECONDS)
+        if not claimed:
+            return None
+        return int(claimed[0]), [dropped.decode() for dropped in claimed[1:]]
+
+    def transition(
+        self,
+        entry_id: Any,
+        owner: str,
+        from_states: tuple[str, ...],
+        to_state: str | None,
+        outcome: bytes | None = None,
+        progress: bytes | None = None,
+    ) -> bool:
+        arguments = (
+            entry_id,
+            owner,
+            to_state or "",
+            outcome or b"",
+            progress or b"",
+            time.time(),
+            *from_states,
+        )
+        return bool(self._run("transition", *arguments))
+
+    def cancel(self, key: str) -> bool:
+        return bool(self._run("cancel", key, time.time()))
+
+    def read(self, key: str) -> StoredTask | None:
+        return self._record(self._run("read", key, "", self._ttl or 0, time.time()))
+
+    def read_entry(self, entry_id: Any) -> StoredTask | None:
+        return self._record(self._run("read", "", entry_id, self._ttl or 0, time.time()))
+
+    def pop(self, key: str) -> StoredTask | None:
+        return self._record(self._run("pop", key, self._ttl or 0, time.time()))
+
+    def delete(self, entry_id: Any) -> None:
+        self._run("delete", entry_id)
+
+    def keys(self) -> list[str]:
+        by_key = self._call(lambda: self._redis.hgetall(self._prefix + ":keys"))
+        return [key.decode() for key, _ in sorted(by_key.items(), key=lambda item: int(item[1]))]
+
+    def count(self) -> int:
+        return int(self._call(lambda: self._redis.hlen(self._prefix + ":keys")))
+
+    def beat(self, owner: str, alive: bool) -> None:
+        name = "flask_executor:owner:" + owner
+        if alive:
+            self._call(lambda: self._redis.set(name, 1, px=int(_LOST_AFTER_SECONDS * 1000)))
+        else:
+            self._call(lambda: self._redis.delete(name))
+
+    def after_fork(self) -> None:
+        pass  # redis-py's connection pool notices a new process by its pid
+
+    def _run(self, script: str, *arguments: Any) -> Any:
+        return self._call(lambda: self._scripts[script](keys=[self._prefix], args=arguments))
+
+    def _call(self, operation: Callable[[], T]) -> T:
+        try:
+            return operation()
+        except self._error as error:
+            raise StoreError(f"the Redis store failed: {error}") from error
+
+    def _record(self, fields: list[Any] | None) -> StoredTask | None:
+        if not fields:
+            return None
+        entry_id, key, state, owner, outcome, progress, alive = fields
+        return StoredTask(
+            int(entry_id),
+            key.decode() or None,
+            state.decode(),
+            owner.decode(),
+            bool(alive),
+            outcome or None,
+            progress or None,
+        )
+
+
+def _without_password(url: str) -> str:
+    return re.sub(r"//[^@/]*@", "//***@", url)
+
+
+# The Lua scripts of _RedisStore. KEYS[1] is the namespace's prefix; under it live
+# ":seq" (the last entry id), ":e:ID" (an entry's fields), ":keys" (key -> id),
+# ":order" (ids, oldest first) and ":finished" (finished ids by id, for eviction)
+# and ":done_at" (finished ids by time, for the TTL).
+_REDIS_LIBRARY = """
+local prefix = KEYS[1]
+local function drop(id)
+    local entry = prefix .. ':e:' .. id
+    local key = redis.call('HGET', entry, 'key')
+    if key and key ~= '' and redis.call('HGET', prefix .. ':keys', key) == tostring(id) then
+        redis.call('HDEL', prefix .. ':keys', key)
+    end
+    redis.call('DEL', entry)
+    redis.call('ZREM', prefix .. ':order', id)
+    redis.call('ZREM', prefix .. ':finished', id)
+    redis.call('ZREM', prefix .. ':done_at', id)
+    return key
+end
+local function expire(ttl, now)
+    if tonumber(ttl) > 0 then
+        local expired = redis.call('ZRANGEBYSCORE', prefix .. ':done_at', '-inf', now - ttl, 'LIMIT', 0, 100)
+        for _, id in ipairs(expired) do drop(id) end
+    end
+end
+local function record(id)
+    local entry = prefix .. ':e:' .. id
+    local fields = redis.call('HMGET', entry, 'key', 'state', 'owner', 'outcome', 'progress')
+    if not fields[2] then return nil end
+    local alive = redis.call('EXISTS', 'flask_executor:owner:' .. fields[3])
+    return {id, fields[1], fields[2], fields[3], fields[4] or '', fields[5] or '', alive}
+end
+"""
+_REDIS_SCRIPTS = {
+    # ARGV: key, owner, max_length, now, ttl, lost_after
+    "claim": """
+local key, owner, max_length, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+expire(ARGV[5], now)
+if redis.call('HEXISTS', prefix .. ':keys', key) == 1 then return false end
+local id = redis.call('INCR', prefix .. ':seq')
+redis.call('HSET', prefix .. ':e:' .. id, 'key', key, 'state', 'PENDING', 'owner', owner)
+redis.call('HSET', prefix .. ':keys', key, id)
+redis.call('ZADD', prefix .. ':order', id, id)
+redis.call('SET', 'flask_executor:owner:' .. owner, 1, 'PX', math.floor(tonumber(ARGV[6]) * 1000))
+local result = {id}
+while max_length > 0 and redis.call('ZCARD', prefix .. ':order') > max_length do
+    local oldest = redis.call('ZRANGE', prefix .. ':finished', 0, 0)[1]
+    if not oldest then
+        oldest = redis.call('ZRANGE', prefix .. ':order', 0, 0)[1]
+        local dropped = drop(oldest)
+        if dropped and dropped ~= '' then table.insert(result, dropped) end
+    else
+        drop(oldest)
+    end
+end
+return result
+""",
+    # ARGV: id, owner, to_state, outcome, progress, now, from_states...
+    "transition": """
+local id, owner, to_state, outcome, progress, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local entry = prefix .. ':e:' .. id
+local fields = redis.call('HMGET', entry, 'state', 'owner')
+if not fields[1] or fields[2] ~= owner then return 0 end
+local allowed = false
+for i = 7, #ARGV do if ARGV[i] == fields[1] then allowed = true end end
+if not allowed then return 0 end
+if to_state ~= '' then
+    redis.call('HSET', entry, 'state', to_state)
+    if to_state == 'FINISHED' or to_state == 'CANCELLED' then
+        redis.call('ZADD', prefix .. ':finished', id, id)
+        redis.call('ZADD', prefix .. ':done_at', now, id)
+    end
+end
+if outcome ~= '' then redis.call('HSET', entry, 'outcome', outcome) end
+if progress ~= '' then redis.call('HSET', entry, 'progress', progress) end
+return 1
+""",
+    # ARGV: key, now
+    "cancel": """
+local id = redis.call('HGET', prefix .. ':keys', ARGV[1])
+if not id then return 0 end
+local entry = prefix .. ':e:' .. id
+if redis.call('HGET', entry, 'state') ~= 'PENDING' then return 0 end
+redis.call('HSET', entry, 'state', 'CANCELLED')
+redis.call('ZADD', prefix .. ':finished', id, id)
+redis.call('ZADD', prefix .. ':done_at', ARGV[2], id)
+return 1
+""",
+    # ARGV: key (or ''), id (or ''), ttl, now
+    "read": """
+expire(ARGV[3], tonumber(ARGV[4]))
+local id = ARGV[2]
+if ARGV[1] ~= '' then id = redis.call('HGET', prefix .. ':keys', ARGV[1]) end
+if not id then return nil end
+return record(id)
+""",
+    # ARGV: key, ttl, now
+    "pop": """
+expire(ARGV[2], tonumber(ARGV[3]))
+local id = redis.call('HGET', prefix .. ':keys', ARGV[1])
+if not id then return nil end
+local found = record(id)
+if found[3] == 'PENDING' or found[3] == 'RUNNING' then
+    redis.call('HDEL', prefix .. ':keys', ARGV[1])
+    redis.call('HSET', prefix .. ':e:' .. id, 'key', '')
+else
+    drop(id)
+end
+return found
+""",
+    # ARGV: id
+    "delete": """
+drop(ARGV[1])
+return 1
+""",
+}
+
+
+_STORE_WAIT_SECONDS = 5.0
+_SQLITE_SCHEMA = (
+    # AUTOINCREMENT: an id is never reused, so a reader holding one never reads another task.
+    "CREATE TABLE IF NOT EXISTS tasks (id INTEGER PRIMARY KEY AUTOINCREMENT, namespace TEXT NOT NULL,"
+    " key TEXT, state TEXT NOT NULL, owner TEXT NOT NULL, outcome BLOB, progress BLOB, finished REAL)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS tasks_by_key ON tasks (namespace, key)",
+    "CREATE INDEX IF NOT EXISTS finished_tasks ON tasks (namespace, id) WHERE finished IS NOT NULL",
+    "CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, seen REAL NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS namespaces (namespace TEXT PRIMARY KEY, tasks INTEGER NOT NULL DEFAULT 0,"
+    " max_length INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID",
+    # Counting, and dropping the oldest finished entries beyond max_length, happen in
+    # the statement that inserts an entry: a claim is one write.
+    "CREATE TRIGGER IF NOT EXISTS inserted AFTER INSERT ON tasks BEGIN"
+    " INSERT INTO namespaces (namespace, tasks) VALUES (new.namespace, 1)"
+    " ON CONFLICT (namespace) DO UPDATE SET tasks = tasks + 1;"
+    " DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE namespace = new.namespace"
+    " AND finished IS NOT NULL ORDER BY id LIMIT coalesce((SELECT max(0, tasks - max_length)"
+    " FROM namespaces WHERE namespace = new.namespace AND max_length > 0), 0)); END",
+    "CREATE TRIGGER IF NOT EXISTS deleted AFTER DELETE ON tasks BEGIN"
+    " UPDATE namespaces SET tasks = tasks - 1 WHERE namespace = old.namespace; END",
+)
+
+
+def _file_store_problem(path: str) -> str | None:
+    """Why a store file at ``path`` would be unsafe or unusable, or None."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f"its directory {directory} does not exist"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"its directory {directory} is not writable by this process (SQLite writes files beside it)"
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            mode = os.stat(name).st_mode
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(mode):
+            return f"{name} is not a regular file"
+        if mode & 0o022:
+            return (
+                f"{name} can be written by other users (mode {stat.filemode(mode)}), and what the store"
+                f" holds is unpickled by the app: make it private (chmod 600 {name})"
+            )
+        if not os.access(name, os.R_OK | os.W_OK):
+            return f"{name} is not readable and writable by this process"
+    return None
+
+
+def _make_store(
+    config: _Config, app: flask.Flask, current: _MemoryStore | _SharedStore
+) -> _MemoryStore | _SharedStore:
+    """The store ``EXECUTOR_FUTURES_STORE`` asks for; the one place that tells kinds apart.
+
+    :raises ValueError: the store cannot be used; the message says why.
+    """
+    target = config.futures_store
+    key = config.prefix + "FUTURES_STORE"
+    if target is None:
+        return current if not current.shared else _MemoryStore()
+    secret_key = app.config.get("SECRET_KEY")
+    if not secret_key:
+        raise ValueError(
+            f"{key} is set, and a shared store needs the app's SECRET_KEY: what the store holds is"
+            " unpickled, so every entry is signed with it. Set SECRET_KEY (the same in every process)"
+        )
+    namespace = config.prefix
+    backend: FuturesStore
+    if isinstance(target, str) and target.startswith(("redis://", "rediss://")):
+        backend = _RedisStore(target, namespace, key, config.futures_ttl)
+    elif isinstance(target, (str, os.PathLike)):
+        backend = _SQLiteStore(os.fspath(target), namespace, key, config.futures_ttl)
+    elif all(callable(getattr(target, method, None)) for method in _STORE_METHODS):
+        backend = target
+    else:
+        raise ValueError(
+            f"{key} must be the path of a SQLite file, a redis:// or rediss:// URL, or an object with"
+            f" the methods of flask_executor.FuturesStore; got {target!r}"
+        )
+    return _SharedStore(backend, _Signer(secret_key, namespace, app.logger), app.logger)
+
+
+_STORE_METHODS = [name for name in vars(FuturesStore) if not name.startswith("_") or name == "after_fork"]
+
+
 # Configuration -------------------------------------------------------------------------
 
 # Every key an executor reads, without its prefix (EXECUTOR_, or NAME_EXECUTOR_).
@@ -1899,6 +3041,8 @@ _KEYS = (
     "MP_CONTEXT",
     "MAX_TASKS_PER_CHILD",
     "PROCESS_APP",
+    "FUTURES_STORE",
+    "FUTURES_TTL",
 )
 _TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
 _FALSE_WORDS = frozenset({"false", "no", "off", "0"})
@@ -1919,6 +3063,8 @@ class _Config:
     mp_context: str | None
     max_tasks_per_child: int | None
     process_app: str | None
+    futures_store: Any
+    futures_ttl: float | None
     # Names the app to process workers forked from this one; see _worker_app.
     app_key: str
     prefix: str
@@ -1966,6 +3112,8 @@ def _read_config(config: Mapping[str, Any], name: str) -> _Config:
         mp_context=mp_context,
         max_tasks_per_child=max_tasks_per_child,
         process_app=_read_process_app(prefix + "PROCESS_APP", config.get(prefix + "PROCESS_APP")),
+        futures_store=config.get(prefix + "FUTURES_STORE"),
+        futures_ttl=_read_seconds(config, prefix + "FUTURES_TTL", None),
         app_key=uuid.uuid4().hex,
         prefix=prefix,
     )
@@ -2021,7 +3169,11 @@ def _read_integer(config: Mapping[str, Any], key: str, default: int | None, *, m
     return number
 
 
-def _read_seconds(config: Mapping[str, Any], key: str, default: float) -> float:
+@overload
+def _read_seconds(config: Mapping[str, Any], key: str, default: float) -> float: ...
+@overload
+def _read_seconds(config: Mapping[str, Any], key: str, default: None) -> float | None: ...
+def _read_seconds(config: Mapping[str, Any], key: str, default: float | None) -> float | None:
     value = config.get(key)
     if value is None:
         return default
@@ -2126,6 +3278,9 @@ class _ThisProcess:
 
     def __init__(self) -> None:
         self.pid = os.getpid()
+        #: Names this process to shared stores; new in every process, so unlike a pid
+        #: it is never reused.
+        self.token = uuid.uuid4().hex
         self._starting: dict[int, threading.Event] = {}
 
     def start_over(self) -> None:
@@ -2138,6 +3293,7 @@ class _ThisProcess:
         if first is not started:
             first.wait()
             return
+        self.token = uuid.uuid4().hex
         _live_thread_pools.clear()
         _worker_threads.clear()
         for executor in list(_live_executors):
