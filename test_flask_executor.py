@@ -1,7 +1,14 @@
 """Tests for flask_executor.
 
-Core suite: the public API, context handling, the six defects of 1.0, FutureCollection,
-jobs, default done callbacks, process pools and exported names.
+The file has four parts, each with its own section banners:
+
+* the core: the Executor API, contexts in thread pools, what Flask-Executor 1.0 got wrong,
+  stored futures, jobs, done callbacks, process pools and the module's public names;
+* test mode, coroutine functions, pluggable executors and Dask, process pools with an app
+  context, process pool options and types for users of the wheel (helpers prefixed ``eco_``);
+* reliability: forks, dead workers, floods, shutdown, configuration, isolation under load
+  (helpers prefixed ``rel_``);
+* progress reports, and the README as the PyPI page.
 
 Everything here uses real parts: real thread and process pools, real Flask apps with
 their test clients, request contexts and CLI runner. No timing assertions: tests wait
@@ -209,7 +216,7 @@ def executor(make_executor):
 
 
 # ---------------------------------------------------------------------------
-# 1. API
+# The Executor API: registration, configuration, submit, map, shutdown
 # ---------------------------------------------------------------------------
 
 
@@ -319,7 +326,7 @@ def test_string_type_process_gives_process_pool(make_executor):
     assert worker_pid != os.getpid()
 
 
-def test_string_push_app_context_false_runs_tasks_bare(make_executor):
+def test_string_push_app_context_false_runs_tasks_without_any_context(make_executor):
     executor = make_executor(EXECUTOR_PUSH_APP_CONTEXT="false")
     future = executor.submit(lambda: (has_app_context(), has_request_context()))
     assert future.result(timeout=WAIT_SECONDS) == (False, False)
@@ -476,7 +483,7 @@ def test_sync_executor_runs_inline_and_returns_finished_future(make_executor, ap
 
 
 # ---------------------------------------------------------------------------
-# 2. Contexts for thread pools
+# Contexts in thread pools: what a task sees of the app, g, request and session
 # ---------------------------------------------------------------------------
 
 
@@ -646,7 +653,12 @@ def test_teardown_appcontext_runs_after_task_submitted_without_request(executor,
     assert wait_for_condition(lambda: len(appcontext_teardowns) == 3)
 
 
-def test_defect2_submit_and_map_in_app_context_only(executor, app):
+# Outside a request: in an app context only, a CLI command, start-up code, another task.
+# Flask-Executor 1.0 wrapped every thread-pool task in flask.copy_current_request_context,
+# which raises RuntimeError when no request is active, so all of these failed at submit.
+
+
+def test_submit_and_map_in_an_app_context_only_give_tasks_the_app_and_a_copy_of_g(executor, app):
     def context_report(number=0):
         return (
             number,
@@ -671,7 +683,7 @@ def test_defect2_submit_and_map_in_app_context_only(executor, app):
         ]
 
 
-def test_defect2_submit_and_map_in_cli_command(executor, app):
+def test_submit_and_map_work_in_a_cli_command(executor, app):
     marker = app.config["APP_MARKER"]
 
     @app.cli.command("crunch-numbers")
@@ -686,7 +698,7 @@ def test_defect2_submit_and_map_in_cli_command(executor, app):
     assert result.output.strip() == f"{marker} {[(1, marker), (4, marker), (9, marker)]!r}"
 
 
-def test_defect2_submit_and_map_in_cli_command_without_app_context(executor, app):
+def test_submit_and_map_in_a_cli_command_without_app_context_use_the_bound_app(executor, app):
     marker = app.config["APP_MARKER"]
 
     @app.cli.command("crunch-bare", with_appcontext=False)
@@ -701,7 +713,7 @@ def test_defect2_submit_and_map_in_cli_command_without_app_context(executor, app
     assert result.output.strip() == f"{marker} {[marker, marker]!r}"
 
 
-def test_defect2_submit_and_map_with_no_context_at_all(app):
+def test_submit_and_map_with_no_context_at_all_use_the_bound_app(app):
     # Start-up code: an executor bound to the app, used with no context pushed.
     executor = Executor(app)
     try:
@@ -717,7 +729,7 @@ def test_defect2_submit_and_map_with_no_context_at_all(app):
         executor.shutdown()
 
 
-def test_defect2_submit_from_inside_another_task(make_executor, app):
+def test_task_can_submit_and_map_with_the_context_it_was_given(make_executor, app):
     executor = make_executor(EXECUTOR_MAX_WORKERS=4)
 
     def inner_task():
@@ -747,11 +759,23 @@ def test_defect2_submit_from_inside_another_task(make_executor, app):
 
 
 # ---------------------------------------------------------------------------
-# 3. The defects of 1.0
+# What Flask-Executor 1.0 got wrong
 # ---------------------------------------------------------------------------
+# In 1.0:
+# - map wrapped the function once, so all its calls shared one copy of the request context
+#   and one g; on Flask 2.2 and later, pushing that one copy from several worker threads
+#   raises ValueError ("<Token ...> was created in a different Context").
+# - a job (ExecutorJob) had no __call__, so a job calling itself, such as a recursive fib,
+#   raised TypeError.
+# - submit_stored handed the task to the pool before adding its key, so with a key in use
+#   it raised ValueError only after the second function had been submitted, and it ran.
+# - the module read Flask's private context variables (flask.globals._cv_app, or
+#   _app_ctx_stack on Flask versions before 2.2).
+# The tests of concurrent requests check that every task sees its own submitter's request,
+# g and session, never another one's. Submitting outside a request is tested above.
 
 
-def test_defect1_map_in_request_with_several_workers(make_executor, app):
+def test_map_inside_a_request_with_several_workers_gives_every_call_its_own_context(make_executor, app):
     executor = make_executor(EXECUTOR_MAX_WORKERS=4)
 
     def per_item(number):
@@ -767,7 +791,7 @@ def test_defect1_map_in_request_with_several_workers(make_executor, app):
     assert results == [(n * 3, 1, "mapper") for n in range(200)]
 
 
-def test_defect1_map_in_real_request_with_several_workers(make_executor, app):
+def test_map_in_a_view_with_several_workers_gives_every_call_its_own_g(make_executor, app):
     executor = make_executor(EXECUTOR_MAX_WORKERS=4)
 
     @app.route("/total")
@@ -789,7 +813,7 @@ def test_defect1_map_in_real_request_with_several_workers(make_executor, app):
     assert body["total"] == body["expected"] == sum(range(100)) + 500
 
 
-def test_defect3_job_is_callable_recursive_fib(executor):
+def test_calling_a_job_runs_it_in_the_caller_so_recursive_jobs_work(executor):
     calling_threads = []
 
     @executor.job
@@ -805,7 +829,7 @@ def test_defect3_job_is_callable_recursive_fib(executor):
     assert fib.submit(10).result(timeout=WAIT_SECONDS) == 55
 
 
-def test_defect4_submit_stored_duplicate_key_rejected_before_running(executor, app):
+def test_submit_stored_with_the_key_of_a_running_task_raises_before_running_anything(executor, app):
     release = threading.Event()
     first_started = threading.Event()
     second_ran = threading.Event()
@@ -831,7 +855,9 @@ def test_defect4_submit_stored_duplicate_key_rejected_before_running(executor, a
 
 
 @pytest.mark.parametrize("executor_type", ["thread", "process", "sync"])
-def test_defect4_duplicate_key_never_runs_second_function(make_executor, app, tmp_path, executor_type):
+def test_submit_stored_with_a_key_in_use_never_runs_the_second_function(
+    make_executor, app, tmp_path, executor_type
+):
     executor = make_executor(EXECUTOR_TYPE=executor_type, EXECUTOR_MAX_WORKERS=2)
     first_marker = tmp_path / "first"
     second_marker = tmp_path / "second"
@@ -846,7 +872,7 @@ def test_defect4_duplicate_key_never_runs_second_function(make_executor, app, tm
     assert executor.futures.result("job-key") == "one"
 
 
-def test_defect5_isolation_between_concurrent_request_contexts(make_executor, app):
+def test_concurrent_request_contexts_never_see_each_others_request_g_or_session(make_executor, app):
     executor = make_executor(EXECUTOR_MAX_WORKERS=8)
     thread_count = 16
     tasks_per_thread = 50
@@ -882,7 +908,7 @@ def test_defect5_isolation_between_concurrent_request_contexts(make_executor, ap
         assert seen == [expected] * (2 * tasks_per_thread), f"submitter {index} saw another context"
 
 
-def test_defect5_isolation_between_concurrent_client_requests(make_executor, app):
+def test_concurrent_client_requests_never_see_each_others_request_or_g(make_executor, app):
     executor = make_executor(EXECUTOR_MAX_WORKERS=8)
     thread_count = 16
     start_together = threading.Barrier(thread_count, timeout=WAIT_SECONDS)
@@ -908,13 +934,13 @@ def test_defect5_isolation_between_concurrent_client_requests(make_executor, app
         assert responses[index] == [[index, index, index, True]] * 40
 
 
-def test_defect6_source_uses_no_private_flask_names():
+def test_module_uses_only_flasks_public_api():
     source = pathlib.Path(flask_executor.__file__).read_text()
     for private_name in ("_cv_app", "_cv_request", "_app_ctx_stack", "_request_ctx_stack"):
         assert private_name not in source, private_name
 
 
-def test_defect6_using_executor_in_request_emits_no_deprecation_warning(make_executor, app):
+def test_using_the_executor_in_a_request_emits_no_deprecation_warning(make_executor, app):
     executor = make_executor(EXECUTOR_MAX_WORKERS=4)
     callback_markers = []
     executor.add_default_done_callback(
@@ -980,7 +1006,7 @@ def test_importing_module_emits_no_deprecation_warning():
 
 
 # ---------------------------------------------------------------------------
-# 4. FutureCollection
+# Stored futures: FutureCollection and executor.futures
 # ---------------------------------------------------------------------------
 
 
@@ -991,7 +1017,7 @@ def make_finished_future(value):
     return future
 
 
-def test_future_collection_standalone_by_key_access():
+def test_future_collection_answers_state_result_and_cancel_by_key():
     collection = FutureCollection(max_length=10)
     pending = concurrent.futures.Future()
     running = concurrent.futures.Future()
@@ -1046,7 +1072,7 @@ def test_future_collection_unknown_key_gives_none():
     assert len(collection) == 1
 
 
-def test_future_collection_pop_add_duplicate_and_membership():
+def test_future_collection_refuses_a_key_in_use_until_popped_and_in_finds_keys_and_futures():
     collection = FutureCollection()
     first = make_finished_future("first")
     other = make_finished_future("other")
@@ -1121,7 +1147,7 @@ def test_future_collection_is_thread_safe():
     assert set(collection.keys()) == {(t, i) for t in range(8) for i in range(1, 200, 2)}
 
 
-def test_executor_futures_stored_by_key(executor):
+def test_submit_stored_future_can_be_queried_and_popped_by_key(executor):
     release = threading.Event()
     try:
         future = executor.submit_stored("stored-key", wait_for_event_then_return, release, "stored-value")
@@ -1144,7 +1170,7 @@ def test_executor_futures_stored_by_key(executor):
     assert len(executor.futures) == 0
 
 
-def test_executor_futures_cancel_queued_by_key(make_executor):
+def test_futures_cancel_by_key_stops_a_queued_task_from_running(make_executor):
     executor = make_executor(EXECUTOR_MAX_WORKERS=1)
     release = threading.Event()
     started = threading.Event()
@@ -1166,7 +1192,9 @@ def test_executor_futures_cancel_queued_by_key(make_executor):
     assert not queued_ran.wait(0.3)
 
 
-def test_executor_futures_max_length_config_and_eviction_warning(make_executor, app, caplog):
+def test_futures_max_length_config_evicts_finished_first_and_warns_on_dropping_unfinished(
+    make_executor, app, caplog
+):
     caplog.set_level(logging.WARNING)
     executor = make_executor(EXECUTOR_FUTURES_MAX_LENGTH="2", EXECUTOR_MAX_WORKERS=4)
     assert executor.futures.max_length == 2
@@ -1188,11 +1216,11 @@ def test_executor_futures_max_length_config_and_eviction_warning(make_executor, 
 
 
 # ---------------------------------------------------------------------------
-# 5. Jobs
+# Jobs (@executor.job)
 # ---------------------------------------------------------------------------
 
 
-def test_job_submit_submit_stored_and_map(executor, app):
+def test_job_submit_submit_stored_and_map_run_with_the_app_context(executor, app):
     @executor.job
     def multiply(first, second=2):
         return first * second, current_app.config["APP_MARKER"]
@@ -1211,7 +1239,7 @@ def test_job_submit_submit_stored_and_map(executor, app):
         assert multiply(7) == (14, marker)  # a direct call, in the caller's context
 
 
-def test_job_direct_call_outside_context_calls_function():
+def test_job_of_an_unbound_executor_called_directly_calls_the_function():
     executor = Executor()
 
     @executor.job
@@ -1221,7 +1249,7 @@ def test_job_direct_call_outside_context_calls_function():
     assert plain_addition(2, 3) == 5
 
 
-def test_job_map_timeout(executor):
+def test_job_map_timeout_raises_timeout_error(executor):
     release = threading.Event()
 
     @executor.job
@@ -1265,7 +1293,7 @@ def test_module_level_job_runs_in_process_pool(app):
 
 
 # ---------------------------------------------------------------------------
-# 6. Done callbacks
+# Done callbacks, logging of failed tasks and EXECUTOR_PROPAGATE_EXCEPTIONS
 # ---------------------------------------------------------------------------
 
 
@@ -1361,9 +1389,11 @@ TASK_EXCEPTION_LOGGING_CASES = [
 
 
 @pytest.mark.parametrize(
-    "executor_type,propagate,log_exceptions,expected_records", TASK_EXCEPTION_LOGGING_CASES
+    "executor_type,propagate,log_exceptions,expected_records",
+    TASK_EXCEPTION_LOGGING_CASES,
+    ids=[f"{case[0]}-propagate={case[1]}-log={case[2]}" for case in TASK_EXCEPTION_LOGGING_CASES],
 )
-def test_task_exception_logging_and_propagation(
+def test_failed_task_is_logged_once_unless_both_logging_and_propagation_are_off(
     make_executor, app, caplog, executor_type, propagate, log_exceptions, expected_records
 ):
     caplog.set_level(logging.WARNING)
@@ -1411,7 +1441,7 @@ def test_propagate_exceptions_callback_is_importable_and_reraises():
 
 
 # ---------------------------------------------------------------------------
-# 7. Process pools
+# Process pools
 # ---------------------------------------------------------------------------
 
 
@@ -1423,14 +1453,14 @@ def test_process_pool_runs_module_level_function(make_executor):
     assert executor.submit(os.getpid).result(timeout=WAIT_SECONDS) != os.getpid()
 
 
-def test_process_pool_map_in_order(make_executor):
+def test_process_pool_map_returns_results_in_input_order(make_executor):
     executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2)
     assert list(executor.map(square_number, range(20))) == [n * n for n in range(20)]
     assert list(executor.map(square_number, range(20), chunksize=5)) == [n * n for n in range(20)]
     assert list(executor.map(add_two_numbers, [1, 2], [3, 4])) == [4, 6]
 
 
-def test_process_pool_submit_stored_and_exception(make_executor):
+def test_process_pool_stored_results_and_task_exceptions_reach_the_parent(make_executor):
     executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2)
     executor.submit_stored("process-key", square_number, 12)
     assert executor.futures.result("process-key", timeout=WAIT_SECONDS) == 144
@@ -1440,7 +1470,7 @@ def test_process_pool_submit_stored_and_exception(make_executor):
     assert "process-failure" in str(error)
 
 
-def test_process_pool_rejects_lambda_at_submit_with_type_error(make_executor):
+def test_process_pool_rejects_lambdas_and_closures_at_submit_with_type_error(make_executor):
     executor = make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2)
     with pytest.raises(TypeError, match="(?i)pickl"):
         executor.submit(lambda: 1)
@@ -1485,11 +1515,11 @@ def test_process_pool_fork_task_runs_in_app_context(make_executor, app):
 
 
 # ---------------------------------------------------------------------------
-# 8. Exported names
+# The module's public names
 # ---------------------------------------------------------------------------
 
 
-def test_exported_names():
+def test_module_exports_its_public_names():
     assert isinstance(flask_executor.__version__, str)
     assert flask_executor.__version__
     assert flask_executor.Executor is Executor
@@ -1510,14 +1540,10 @@ def test_exported_names():
 
 
 # ================================================================================================
-# Ecosystem (issue 5): test mode, coroutine functions, pluggable executors and Dask,
-# process pools with an app context, process pool options, typing for users of the wheel
+# Test mode, coroutine functions, pluggable executors and Dask, process pools with an app
+# context, process pool options, types for users of the wheel
 # ================================================================================================
-# Issue 5 (ecosystem): test mode, coroutine functions, pluggable executors and Dask,
-# process pools with an app context, process pool options, and typing for users of the wheel.
-#
-# Conventions (this part is appended to test_flask_executor.py): module-level helpers and
-# fixtures start with ``eco_`` (classes with ``Eco``), tests with ``test_ecosystem_``.
+# Module-level helpers and fixtures of this part start with ``eco_`` (classes with ``Eco``).
 # Functions that process pools, spawned workers or Dask workers run are module-level, so they
 # pickle by reference; spawned workers import this module by its name, from sys.path.
 
@@ -1637,7 +1663,7 @@ async def eco_async_snapshot():
 
 
 # ---------------------------------------------------------------------------------------------
-# Pluggable executors
+# Executors and factories for the pluggable-executor tests
 
 
 class EcoThreadPool(concurrent.futures.ThreadPoolExecutor):
@@ -1767,10 +1793,10 @@ def eco_dask_client(eco_worker_app):
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. Test mode: EXECUTOR_TYPE='sync'
+# Test mode: EXECUTOR_TYPE='sync'
 
 
-def test_ecosystem_sync_runs_inline_in_the_caller_and_returns_a_finished_future(eco_make_executor):
+def test_sync_runs_inline_in_the_caller_and_returns_a_finished_future(eco_make_executor):
     executor = eco_make_executor(EXECUTOR_TYPE="sync")
     ran = []
     future = executor.submit(ran.append, "ran")
@@ -1784,7 +1810,7 @@ def test_ecosystem_sync_runs_inline_in_the_caller_and_returns_a_finished_future(
     assert future.result(timeout=0) == threading.get_ident()
 
 
-def test_ecosystem_sync_task_gets_a_fresh_app_context_with_a_copy_of_g(eco_make_executor):
+def test_sync_task_gets_a_fresh_app_context_with_a_copy_of_g(eco_make_executor):
     app = eco_new_app()
     torn_down = []
     app.teardown_appcontext(lambda exc: torn_down.append("app"))
@@ -1804,7 +1830,7 @@ def test_ecosystem_sync_task_gets_a_fresh_app_context_with_a_copy_of_g(eco_make_
     assert torn_down == ["app", "app"]
 
 
-def test_ecosystem_sync_task_gets_a_copy_of_the_request_and_teardowns_run(eco_make_executor):
+def test_sync_task_gets_a_copy_of_the_request_and_teardowns_run(eco_make_executor):
     app = eco_new_app()
     torn_down = []
     app.teardown_appcontext(lambda exc: torn_down.append("app"))
@@ -1822,7 +1848,7 @@ def test_ecosystem_sync_task_gets_a_copy_of_the_request_and_teardowns_run(eco_ma
         assert "eco_written_by_task" not in g
 
 
-def test_ecosystem_sync_without_any_context_uses_the_bound_app(eco_make_executor):
+def test_sync_without_any_context_uses_the_bound_app(eco_make_executor):
     app = eco_new_app()
     executor = eco_make_executor(app, EXECUTOR_TYPE="sync")
     assert not has_app_context()
@@ -1833,7 +1859,7 @@ def test_ecosystem_sync_without_any_context_uses_the_bound_app(eco_make_executor
     assert not has_app_context()
 
 
-def test_ecosystem_sync_stored_futures_jobs_map_and_default_callbacks(eco_make_executor):
+def test_sync_stored_futures_jobs_map_and_default_callbacks_all_complete_inline(eco_make_executor):
     app = eco_new_app()
     executor = eco_make_executor(app, EXECUTOR_TYPE="sync")
     seen = []
@@ -1869,7 +1895,7 @@ def test_ecosystem_sync_stored_futures_jobs_map_and_default_callbacks(eco_make_e
     )
 
 
-def test_ecosystem_sync_exception_is_kept_on_the_future_by_default(eco_make_executor):
+def test_sync_exception_is_kept_on_the_future_by_default(eco_make_executor):
     executor = eco_make_executor(EXECUTOR_TYPE="sync", EXECUTOR_LOG_EXCEPTIONS=False)
     future = executor.submit(eco_divide, 1, 0)
     assert future.done()
@@ -1877,7 +1903,7 @@ def test_ecosystem_sync_exception_is_kept_on_the_future_by_default(eco_make_exec
 
 
 @pytest.mark.parametrize("propagate", [True, "true", "yes"])
-def test_ecosystem_sync_propagate_exceptions_raises_from_submit(eco_make_executor, propagate):
+def test_sync_propagate_exceptions_raises_from_submit_and_later_tasks_still_run(eco_make_executor, propagate):
     executor = eco_make_executor(
         EXECUTOR_TYPE="sync", EXECUTOR_PROPAGATE_EXCEPTIONS=propagate, EXECUTOR_LOG_EXCEPTIONS=False
     )
@@ -1887,11 +1913,11 @@ def test_ecosystem_sync_propagate_exceptions_raises_from_submit(eco_make_executo
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Coroutine functions
+# Coroutine functions
 
 
 @pytest.mark.parametrize("executor_type", ["thread", "sync"])
-def test_ecosystem_coroutine_functions_give_their_awaited_result(eco_make_executor, executor_type):
+def test_coroutine_functions_give_their_awaited_result(eco_make_executor, executor_type):
     app = eco_new_app()
     executor = eco_make_executor(app, EXECUTOR_TYPE=executor_type)
     assert executor.submit(eco_async_add, 2, 3).result(timeout=30) == 5
@@ -1915,7 +1941,7 @@ def test_ecosystem_coroutine_functions_give_their_awaited_result(eco_make_execut
         assert executor.submit(eco_local_coroutine).result(timeout=30) == ("carol", app.name)
 
 
-def test_ecosystem_coroutine_in_sync_mode_inside_a_running_event_loop(eco_make_executor):
+def test_coroutine_in_sync_mode_runs_inside_a_running_event_loop(eco_make_executor):
     executor = eco_make_executor(EXECUTOR_TYPE="sync")
 
     async def caller():
@@ -1928,7 +1954,7 @@ def test_ecosystem_coroutine_in_sync_mode_inside_a_running_event_loop(eco_make_e
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
-def test_ecosystem_coroutine_in_a_process_pool(eco_make_executor, start_method):
+def test_coroutine_runs_in_a_process_pool(eco_make_executor, start_method):
     app = eco_new_app()
     executor = eco_make_executor(
         app, EXECUTOR_TYPE="process", EXECUTOR_MP_CONTEXT=start_method, EXECUTOR_MAX_WORKERS=1
@@ -1942,11 +1968,11 @@ def test_ecosystem_coroutine_in_a_process_pool(eco_make_executor, start_method):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3. Pluggable executors
+# Pluggable executors: EXECUTOR_TYPE as an import string, a factory or a class
 
 
 @pytest.mark.timeout(60)
-def test_ecosystem_pluggable_import_string_of_a_thread_pool_class_pushes_contexts(eco_make_executor):
+def test_pluggable_import_string_of_a_thread_pool_class_pushes_contexts(eco_make_executor):
     app = eco_new_app()
     executor = eco_make_executor(app, EXECUTOR_TYPE="concurrent.futures:ThreadPoolExecutor")
     with app.test_request_context("/eco/plug?q=2"):
@@ -1960,8 +1986,8 @@ def test_ecosystem_pluggable_import_string_of_a_thread_pool_class_pushes_context
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("max_workers", [3, "3"])
-def test_ecosystem_pluggable_factory_import_string_gets_max_workers(eco_make_executor, max_workers):
+@pytest.mark.parametrize("max_workers", [3, "3"], ids=["int", "str"])
+def test_pluggable_factory_import_string_gets_max_workers_as_an_int(eco_make_executor, max_workers):
     eco_factory_calls.clear()
     executor = eco_make_executor(
         EXECUTOR_TYPE=f"{__name__}:eco_thread_pool_factory", EXECUTOR_MAX_WORKERS=max_workers
@@ -1972,7 +1998,7 @@ def test_ecosystem_pluggable_factory_import_string_gets_max_workers(eco_make_exe
 
 
 @pytest.mark.timeout(60)
-def test_ecosystem_pluggable_factory_without_max_workers_is_called_without_it(eco_make_executor):
+def test_pluggable_factory_without_max_workers_is_called_without_it(eco_make_executor):
     eco_factory_calls.clear()
     executor = eco_make_executor(EXECUTOR_TYPE=f"{__name__}:eco_thread_pool_factory")
     assert executor.submit(eco_add, 1, 2).result(timeout=30) == 3
@@ -1981,7 +2007,7 @@ def test_ecosystem_pluggable_factory_without_max_workers_is_called_without_it(ec
 
 
 @pytest.mark.timeout(60)
-def test_ecosystem_pluggable_callables_as_executor_type(eco_make_executor):
+def test_pluggable_callable_as_executor_type_builds_the_pool(eco_make_executor):
     eco_factory_calls.clear()
     executor = eco_make_executor(EXECUTOR_TYPE=eco_thread_pool_factory, EXECUTOR_MAX_WORKERS=2)
     assert executor.submit(eco_snapshot).result(timeout=30)["thread_name"].startswith("eco-pool")
@@ -1996,7 +2022,7 @@ def test_ecosystem_pluggable_callables_as_executor_type(eco_make_executor):
     "executor_type", [f"{__name__}:eco_not_an_executor_factory", eco_not_an_executor_factory]
 )
 @pytest.mark.parametrize("name", ["", "ecobad"])
-def test_ecosystem_pluggable_factory_returning_no_executor_fails_at_init_app(executor_type, name):
+def test_pluggable_factory_returning_no_executor_fails_at_init_app(executor_type, name):
     key = f"{name.upper()}_EXECUTOR_TYPE" if name else "EXECUTOR_TYPE"
     app = eco_new_app(**{key: executor_type})
     executor = Executor(name=name)
@@ -2014,14 +2040,14 @@ def test_ecosystem_pluggable_factory_returning_no_executor_fails_at_init_app(exe
         "not an import string",
     ],
 )
-def test_ecosystem_pluggable_bad_import_string_fails_at_init_app(executor_type):
+def test_pluggable_bad_import_string_fails_at_init_app(executor_type):
     app = eco_new_app(EXECUTOR_TYPE=executor_type)
     with pytest.raises(ValueError, match="EXECUTOR_TYPE"):
         Executor(app)
 
 
 @pytest.mark.timeout(60)
-def test_ecosystem_pluggable_thread_pool_subclass_is_thread_like(eco_make_executor):
+def test_pluggable_thread_pool_subclass_gets_contexts_and_accepts_lambdas(eco_make_executor):
     app = eco_new_app()
     torn_down = []
     app.teardown_appcontext(lambda exc: torn_down.append("app"))
@@ -2042,7 +2068,7 @@ def test_ecosystem_pluggable_thread_pool_subclass_is_thread_like(eco_make_execut
 
 
 @pytest.mark.timeout(60)
-def test_ecosystem_pluggable_other_executors_are_process_like(eco_make_executor):
+def test_pluggable_non_thread_pool_executor_is_treated_like_a_process_pool(eco_make_executor):
     app = eco_new_app()
     executor = eco_make_executor(app, EXECUTOR_TYPE=f"{__name__}:EcoPicklingExecutor")
     # A configured executor serializes as it chooses (Dask and loky can send a lambda), so
@@ -2061,7 +2087,7 @@ def test_ecosystem_pluggable_other_executors_are_process_like(eco_make_executor)
 
 
 @pytest.mark.timeout(120)
-def test_ecosystem_pluggable_process_pool_factory_gets_the_forked_app(eco_make_executor):
+def test_pluggable_process_pool_factory_gets_the_forked_app(eco_make_executor):
     eco_factory_calls.clear()
     app = eco_new_app()
     executor = eco_make_executor(app, EXECUTOR_TYPE=eco_fork_pool_factory, EXECUTOR_MAX_WORKERS=1)
@@ -2079,11 +2105,11 @@ def test_ecosystem_pluggable_process_pool_factory_gets_the_forked_app(eco_make_e
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. Process pools with an app context
+# Process pools with an app context
 
 
 @pytest.mark.timeout(120)
-def test_ecosystem_process_fork_reuses_the_parent_app(eco_make_executor):
+def test_forked_process_worker_gets_the_parent_app_but_not_its_request_or_g(eco_make_executor):
     app = eco_new_app()
     app.config["ECO_X"] = f"set-at-runtime-{uuid.uuid4().hex}"
     executor = eco_make_executor(
@@ -2107,7 +2133,7 @@ def test_ecosystem_process_fork_reuses_the_parent_app(eco_make_executor):
 
 
 @pytest.mark.timeout(120)
-def test_ecosystem_process_fork_without_pushed_contexts_runs_bare(eco_make_executor):
+def test_forked_process_worker_without_push_app_context_runs_without_context(eco_make_executor):
     app = eco_new_app()
     executor = eco_make_executor(
         app,
@@ -2133,7 +2159,7 @@ def test_ecosystem_process_fork_without_pushed_contexts_runs_bare(eco_make_execu
         (f"{ECO_WORKER_APP_MODULE}:create_app()", "from-create-app"),
     ],
 )
-def test_ecosystem_process_app_is_loaded_in_spawned_workers(
+def test_process_app_is_loaded_once_in_spawned_and_forkserver_workers(
     eco_make_executor, eco_worker_app, start_method, process_app, expected_x
 ):
     app = eco_worker_app.create_app()
@@ -2157,7 +2183,7 @@ def test_ecosystem_process_app_is_loaded_in_spawned_workers(
 
 
 @pytest.mark.timeout(120)
-def test_ecosystem_process_spawn_without_process_app_runs_without_context(eco_make_executor):
+def test_spawned_process_worker_without_process_app_runs_without_app_context(eco_make_executor):
     executor = eco_make_executor(EXECUTOR_TYPE="process", EXECUTOR_MP_CONTEXT="spawn", EXECUTOR_MAX_WORKERS=1)
     snap = executor.submit(eco_snapshot).result(timeout=60)
     assert snap["pid"] != os.getpid()
@@ -2167,7 +2193,7 @@ def test_ecosystem_process_spawn_without_process_app_runs_without_context(eco_ma
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
-def test_ecosystem_process_module_level_job(eco_job_executor_bound, start_method):
+def test_module_level_job_runs_in_a_process_pool_of_each_start_method(eco_job_executor_bound, start_method):
     eco_job_executor_bound(EXECUTOR_TYPE="process", EXECUTOR_MP_CONTEXT=start_method, EXECUTOR_MAX_WORKERS=1)
     assert eco_job_square(3) == (9, os.getpid())
     value, pid = eco_job_square.submit(4).result(timeout=60)
@@ -2181,7 +2207,7 @@ def test_ecosystem_process_module_level_job(eco_job_executor_bound, start_method
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
-def test_ecosystem_process_unpicklable_callable_fails_at_submit(eco_make_executor, start_method):
+def test_process_pool_unpicklable_callable_fails_at_submit_and_is_not_stored(eco_make_executor, start_method):
     executor = eco_make_executor(
         EXECUTOR_TYPE="process", EXECUTOR_MP_CONTEXT=start_method, EXECUTOR_MAX_WORKERS=1
     )
@@ -2201,12 +2227,12 @@ def test_ecosystem_process_unpicklable_callable_fails_at_submit(eco_make_executo
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Process pool options
+# Process pool options: EXECUTOR_MP_CONTEXT and EXECUTOR_MAX_TASKS_PER_CHILD
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("start_method", ["fork", "spawn", "forkserver"])
-def test_ecosystem_process_mp_context_is_used(eco_make_executor, monkeypatch, start_method):
+def test_process_mp_context_sets_the_workers_start_method(eco_make_executor, monkeypatch, start_method):
     token = uuid.uuid4().hex
     monkeypatch.setitem(eco_parent_marker, "value", token)
     executor = eco_make_executor(
@@ -2224,13 +2250,13 @@ def test_ecosystem_process_mp_context_is_used(eco_make_executor, monkeypatch, st
 
 
 @pytest.mark.parametrize("mp_context", ["bogus", "thread", 3])
-def test_ecosystem_process_bad_mp_context_fails_at_init_app(mp_context):
+def test_process_bad_mp_context_fails_at_init_app(mp_context):
     app = eco_new_app(EXECUTOR_TYPE="process", EXECUTOR_MP_CONTEXT=mp_context)
     with pytest.raises(ValueError, match="EXECUTOR_MP_CONTEXT"):
         Executor(app)
 
 
-def test_ecosystem_process_max_tasks_per_child_refused_where_it_cannot_work():
+def test_process_max_tasks_per_child_refused_with_fork_bad_values_or_old_python():
     with_fork = eco_new_app(
         EXECUTOR_TYPE="process", EXECUTOR_MP_CONTEXT="fork", EXECUTOR_MAX_TASKS_PER_CHILD=1
     )
@@ -2247,7 +2273,7 @@ def test_ecosystem_process_max_tasks_per_child_refused_where_it_cannot_work():
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="max_tasks_per_child needs Python 3.11")
 @pytest.mark.parametrize(("mp_context", "max_tasks"), [(None, 1), ("spawn", 1), ("forkserver", "1")])
-def test_ecosystem_process_max_tasks_per_child_replaces_workers(eco_make_executor, mp_context, max_tasks):
+def test_process_max_tasks_per_child_replaces_workers(eco_make_executor, mp_context, max_tasks):
     config = {"EXECUTOR_TYPE": "process", "EXECUTOR_MAX_WORKERS": 1}
     if mp_context is not None:
         config["EXECUTOR_MP_CONTEXT"] = mp_context
@@ -2264,11 +2290,11 @@ def test_ecosystem_process_max_tasks_per_child_replaces_workers(eco_make_executo
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Types for users of the wheel
+# Types for users of the wheel
 
 
 @pytest.mark.timeout(900)
-def test_ecosystem_wheel_gives_users_types(tmp_path):
+def test_wheel_ships_type_stubs_that_check_user_code(tmp_path):
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "MYPYPATH")}
 
     def run(*command):
@@ -2312,13 +2338,13 @@ def test_ecosystem_wheel_gives_users_types(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# 3b. Dask distributed scale-out. The tests share one LocalCluster, which lives as long as this
+# Dask distributed scale-out. The tests share one LocalCluster, which lives as long as this
 # class: no test forks a process while the cluster's threads are running.
 
 
-class TestEcosystemDask:
+class TestDask:
     @pytest.mark.timeout(120)
-    def test_ecosystem_dask_submit_map_jobs_and_callbacks(
+    def test_dask_submit_map_stored_futures_jobs_and_callbacks_work(
         self, eco_make_executor, eco_dask_client, eco_job_executor_bound
     ):
         app = eco_new_app()
@@ -2344,25 +2370,29 @@ class TestEcosystemDask:
         assert eco_job_square.submit(6).result(timeout=60)[0] == 36
 
     @pytest.mark.timeout(120)
-    def test_ecosystem_dask_import_string_factory(self, eco_make_executor, eco_dask_client):
+    def test_dask_factory_given_as_an_import_string_works(self, eco_make_executor, eco_dask_client):
         executor = eco_make_executor(EXECUTOR_TYPE=f"{__name__}:eco_dask_executor_factory")
         assert executor.submit(eco_add, 1, 1).result(timeout=60) == 2
 
     @pytest.mark.timeout(120)
-    def test_ecosystem_dask_each_submit_runs_the_task(self, eco_make_executor, eco_dask_client):
+    def test_dask_each_submit_runs_the_task_again(self, eco_make_executor, eco_dask_client):
         executor = eco_make_executor(EXECUTOR_TYPE=eco_dask_executor_factory)
         first = executor.submit(eco_new_uuid).result(timeout=60)
         second = executor.submit(eco_new_uuid).result(timeout=60)
         assert first != second
 
     @pytest.mark.timeout(120)
-    def test_ecosystem_dask_task_keyword_arguments_reach_the_task(self, eco_make_executor, eco_dask_client):
+    def test_dask_task_keyword_arguments_named_like_dask_options_reach_the_task(
+        self, eco_make_executor, eco_dask_client
+    ):
         executor = eco_make_executor(EXECUTOR_TYPE=eco_dask_executor_factory)
         kwargs = {"key": "eco-user-key", "priority": 7, "retries": 2, "pure": "no"}
         assert executor.submit(eco_echo_kwargs, **kwargs).result(timeout=60) == kwargs
 
     @pytest.mark.timeout(120)
-    def test_ecosystem_dask_worker_app_context(self, eco_make_executor, eco_dask_client, eco_worker_app):
+    def test_dask_worker_runs_tasks_in_the_process_app_only_when_configured(
+        self, eco_make_executor, eco_dask_client, eco_worker_app
+    ):
         executor = eco_make_executor(
             EXECUTOR_TYPE=eco_dask_executor_factory, EXECUTOR_PROCESS_APP=f"{ECO_WORKER_APP_MODULE}:app"
         )
@@ -2376,7 +2406,7 @@ class TestEcosystemDask:
         assert not snap["has_app"]
 
     @pytest.mark.timeout(120)
-    def test_ecosystem_dask_shutdown_and_init_app_again(self, eco_dask_client):
+    def test_dask_shutdown_refuses_submits_until_init_app_again(self, eco_dask_client):
         app = eco_new_app(EXECUTOR_TYPE=eco_dask_executor_factory)
         executor = Executor(app)
         assert executor.submit(eco_add, 1, 2).result(timeout=60) == 3
@@ -2390,9 +2420,7 @@ class TestEcosystemDask:
             executor.submit(eco_add, 1, 2)
 
     @pytest.mark.timeout(120)
-    def test_ecosystem_dask_accepted_tasks_still_run_after_rebind_or_shutdown_without_wait(
-        self, eco_dask_client
-    ):
+    def test_dask_accepted_tasks_still_run_after_rebind_or_shutdown_without_wait(self, eco_dask_client):
         # As with the stdlib pools: a new init_app and shutdown(wait=False) stop new tasks, and every
         # task already accepted still runs (only cancel_futures=True cancels waiting ones).
         app = eco_new_app(EXECUTOR_TYPE=eco_dask_executor_factory)
@@ -2406,7 +2434,7 @@ class TestEcosystemDask:
         assert before_shutdown.result(timeout=60) == "survived shutdown"
 
     @pytest.mark.timeout(120)
-    def test_ecosystem_dask_rebind_to_a_thread_pool_and_back(self, eco_dask_client):
+    def test_dask_rebind_to_a_thread_pool_and_back_finishes_accepted_tasks(self, eco_dask_client):
         executor = Executor(eco_new_app(EXECUTOR_TYPE=eco_dask_executor_factory))
         on_dask = executor.submit(eco_nap_then_return, "dask")
         thread_app = eco_new_app(EXECUTOR_TYPE="thread")
@@ -2422,20 +2450,18 @@ class TestEcosystemDask:
 
 
 # ================================================================================================
-# Reliability (issue 3): forks, dead workers, floods, shutdown, bad config, isolation under load
+# Reliability: forks, dead workers, floods, shutdown, bad config, isolation under load
 # ================================================================================================
 
 
-# Reliability tests for Flask-Executor (tracker issue 3).
-#
 # Everything here uses real parts: real ``os.fork``, a real gunicorn with
 # ``--preload``, real process pools whose workers really die, and a real
 # threaded werkzeug server.  Network traffic only goes to 127.0.0.1 on a free
 # port; every loop is bounded in count and time, and every test carries a
 # ``pytest-timeout`` mark.
 #
-# Module-level helpers and fixtures are prefixed ``rel_`` (constants ``REL_``)
-# so the file can be appended to ``test_flask_executor.py``.
+# Module-level helpers and fixtures of this part are prefixed ``rel_`` (constants
+# ``REL_``), which keeps them apart from the other parts' helpers.
 
 # ``os.fork`` in a process that already runs threads (pytest + pool threads)
 # makes Python 3.12+ emit a DeprecationWarning; forking is exactly what these
@@ -2446,7 +2472,7 @@ REL_MODULE_DIR = os.path.dirname(os.path.abspath(flask_executor.__file__))
 
 
 # --------------------------------------------------------------------------
-# helpers
+# Helpers
 # --------------------------------------------------------------------------
 
 
@@ -2638,13 +2664,13 @@ def rel_task_identity(value):
 
 
 # --------------------------------------------------------------------------
-# 1. fork safety
+# Fork safety: the executor works in a forked child
 # --------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.filterwarnings(REL_FORK_WARNING)
-def test_reliability_fork_child_thread_pool_first_submit_works(rel_executors):
+def test_forked_child_first_submit_to_a_thread_pool_runs_in_the_child(rel_executors):
     app = rel_make_app("fork_thread", EXECUTOR_MAX_WORKERS=2)
     executor = rel_executors(app)
     # warm-up in the parent: both pool threads exist before the fork (the two
@@ -2673,7 +2699,7 @@ def test_reliability_fork_child_thread_pool_first_submit_works(rel_executors):
 
 @pytest.mark.timeout(120)
 @pytest.mark.filterwarnings(REL_FORK_WARNING)
-def test_reliability_fork_child_process_pool_first_submit_works(rel_executors):
+def test_forked_child_first_submit_to_a_process_pool_runs(rel_executors):
     app = rel_make_app(
         "fork_process", EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=2, EXECUTOR_MP_CONTEXT="fork"
     )
@@ -2705,7 +2731,7 @@ def test_reliability_fork_child_process_pool_first_submit_works(rel_executors):
 
 @pytest.mark.timeout(120)
 @pytest.mark.filterwarnings(REL_FORK_WARNING)
-def test_reliability_fork_while_parent_pool_busy_and_queue_full(rel_executors, rel_gates):
+def test_forked_child_of_a_busy_parent_with_a_full_queue_can_submit(rel_executors, rel_gates):
     """Fork while the parent's workers are busy and its queue is full: the
     child starts from an empty pool and an empty queue, so its first submit
     is accepted and runs."""
@@ -2771,7 +2797,7 @@ def index():
 
 
 @pytest.mark.timeout(180)
-def test_reliability_gunicorn_preload_workers_answer(tmp_path):
+def test_gunicorn_preload_workers_each_run_tasks_in_their_own_pool(tmp_path):
     # gunicorn is a test-only dependency (pip install gunicorn)
     (tmp_path / "rel_gunicorn_app.py").write_text(REL_GUNICORN_APP)
     port = rel_free_port()
@@ -2848,14 +2874,14 @@ def test_reliability_gunicorn_preload_workers_answer(tmp_path):
 
 
 # --------------------------------------------------------------------------
-# 2. dead process workers
+# Dead process workers
 # --------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.filterwarnings(REL_FORK_WARNING)
 @pytest.mark.parametrize("killer", [rel_task_kill_self, rel_task_exit_hard], ids=["sigkill", "os_exit"])
-def test_reliability_dead_process_worker_fails_only_tasks_handed_to_workers(rel_executors, caplog, killer):
+def test_dead_process_worker_fails_only_the_tasks_handed_to_workers(rel_executors, caplog, killer):
     # 3 workers: the pool hands a worker process at most 3 + 1 tasks at a time (those running
     # and the next in line). When one dies, those fail with BrokenProcessPool; the tasks still
     # waiting in Flask-Executor's own queue never reached a process, and run on a new pool.
@@ -2913,7 +2939,7 @@ if __name__ == "__main__":
 
 
 @pytest.mark.timeout(120)
-def test_reliability_dead_worker_of_a_dropped_executor_does_not_hang_exit(tmp_path):
+def test_dead_worker_of_a_dropped_executor_does_not_hang_interpreter_exit(tmp_path):
     # A broken pool fails its futures in its own manager thread, holding its shutdown
     # lock. If that dropped the last reference to the pool, the pool's collection callback
     # would wait for the same lock, and the process would hang at exit.
@@ -2925,13 +2951,15 @@ def test_reliability_dead_worker_of_a_dropped_executor_does_not_hang_exit(tmp_pa
 
 
 # --------------------------------------------------------------------------
-# 3. backpressure
+# Backpressure: EXECUTOR_QUEUE_SIZE and EXECUTOR_QUEUE_TIMEOUT
 # --------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("queue_size", [0, 3])
-def test_reliability_queue_bound_running_plus_waiting(rel_executors, rel_gates, queue_size):
+def test_queue_size_bounds_waiting_tasks_and_rejects_more_with_queue_full(
+    rel_executors, rel_gates, queue_size
+):
     app = rel_make_app("queue_bound", EXECUTOR_MAX_WORKERS=2, EXECUTOR_QUEUE_SIZE=queue_size)
     executor = rel_executors(app)
     gate = rel_gates()
@@ -2964,7 +2992,7 @@ def test_reliability_queue_bound_running_plus_waiting(rel_executors, rel_gates, 
 
 
 @pytest.mark.timeout(120)
-def test_reliability_queue_timeout_waits_then_raises(rel_executors, rel_gates):
+def test_queue_timeout_waits_for_room_then_raises_queue_full(rel_executors, rel_gates):
     app = rel_make_app(
         "queue_timeout", EXECUTOR_MAX_WORKERS=2, EXECUTOR_QUEUE_SIZE=1, EXECUTOR_QUEUE_TIMEOUT=0.5
     )
@@ -2995,7 +3023,7 @@ def test_reliability_queue_timeout_waits_then_raises(rel_executors, rel_gates):
 
 
 @pytest.mark.timeout(120)
-def test_reliability_queue_timeout_freed_slot_lets_submit_through(rel_executors, rel_gates):
+def test_queue_timeout_lets_a_waiting_submit_through_when_room_frees(rel_executors, rel_gates):
     app = rel_make_app("queue_free", EXECUTOR_MAX_WORKERS=2, EXECUTOR_QUEUE_SIZE=1, EXECUTOR_QUEUE_TIMEOUT=30)
     executor = rel_executors(app)
     first_gate, other_gate = rel_gates(), rel_gates()
@@ -3033,7 +3061,7 @@ def test_reliability_queue_timeout_freed_slot_lets_submit_through(rel_executors,
 
 
 @pytest.mark.timeout(180)
-def test_reliability_queue_flood_accounting_and_memory(rel_executors):
+def test_bounded_queue_flood_runs_each_accepted_task_once_and_memory_stays_bounded(rel_executors):
     app = rel_make_app("flood", EXECUTOR_MAX_WORKERS=2, EXECUTOR_QUEUE_SIZE=8)
     executor = rel_executors(app)
     counter = [0]
@@ -3099,12 +3127,12 @@ def test_reliability_queue_flood_accounting_and_memory(rel_executors):
 
 
 # --------------------------------------------------------------------------
-# 4. FutureCollection thread safety and eviction
+# FutureCollection thread safety and eviction order
 # --------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(120)
-def test_reliability_concurrent_submit_stored_then_pop(rel_executors, rel_fast_switching):
+def test_concurrent_submit_stored_and_pop_keep_each_key_with_its_future(rel_executors, rel_fast_switching):
     app = rel_make_app("stored", EXECUTOR_MAX_WORKERS=4, EXECUTOR_FUTURES_MAX_LENGTH=0)
     executor = rel_executors(app)
     n_threads, per_thread = 16, 50
@@ -3155,7 +3183,7 @@ def test_reliability_concurrent_submit_stored_then_pop(rel_executors, rel_fast_s
 
 
 @pytest.mark.timeout(120)
-def test_reliability_concurrent_submit_stored_same_key_runs_once(rel_executors, rel_fast_switching):
+def test_concurrent_submit_stored_with_one_key_accepts_and_runs_only_one(rel_executors, rel_fast_switching):
     app = rel_make_app("same_key", EXECUTOR_MAX_WORKERS=4)
     executor = rel_executors(app)
     runs = []
@@ -3187,7 +3215,7 @@ def test_reliability_concurrent_submit_stored_same_key_runs_once(rel_executors, 
 
 
 @pytest.mark.timeout(120)
-def test_reliability_standalone_collection_concurrent_add_pop(rel_fast_switching):
+def test_future_collection_concurrent_add_and_pop_lose_nothing(rel_fast_switching):
     collection = FutureCollection(max_length=0)
     errors, wrong = [], []
     barrier = threading.Barrier(16)
@@ -3215,7 +3243,7 @@ def test_reliability_standalone_collection_concurrent_add_pop(rel_fast_switching
 
 
 @pytest.mark.timeout(120)
-def test_reliability_standalone_collection_concurrent_eviction_keeps_bound(rel_fast_switching):
+def test_future_collection_concurrent_eviction_keeps_max_length(rel_fast_switching):
     collection = FutureCollection(max_length=50)
     errors = []
     barrier = threading.Barrier(16)
@@ -3241,7 +3269,7 @@ def test_reliability_standalone_collection_concurrent_eviction_keeps_bound(rel_f
 
 
 @pytest.mark.timeout(60)
-def test_reliability_standalone_collection_eviction_order():
+def test_future_collection_evicts_finished_futures_in_order_added_not_finished():
     collection = FutureCollection(max_length=3)
     assert collection.max_length == 3
     futures = {key: Future() for key in "abcdefg"}
@@ -3275,7 +3303,9 @@ def test_reliability_standalone_collection_eviction_order():
 
 
 @pytest.mark.timeout(120)
-def test_reliability_executor_eviction_order_and_warning(rel_executors, rel_gates, caplog):
+def test_stored_future_eviction_warns_once_for_an_unfinished_one_which_still_runs(
+    rel_executors, rel_gates, caplog
+):
     caplog.set_level(logging.DEBUG)
     app = rel_make_app("evict", EXECUTOR_MAX_WORKERS=8, EXECUTOR_FUTURES_MAX_LENGTH=3)
     executor = rel_executors(app)
@@ -3312,7 +3342,7 @@ def test_reliability_executor_eviction_order_and_warning(rel_executors, rel_gate
 
 
 # --------------------------------------------------------------------------
-# 5. failures are visible
+# Failed tasks and raising callbacks are logged
 # --------------------------------------------------------------------------
 
 
@@ -3346,7 +3376,7 @@ def rel_run_failing_task(executor, gate):
 
 
 @pytest.mark.timeout(60)
-def test_reliability_task_exception_logged_once_with_traceback(rel_executors, rel_gates, caplog):
+def test_task_exception_is_logged_once_with_traceback_on_the_app_logger(rel_executors, rel_gates, caplog):
     caplog.set_level(logging.DEBUG)
     app = rel_make_app("log_exc")
     executor = rel_executors(app)
@@ -3364,8 +3394,8 @@ def test_reliability_task_exception_logged_once_with_traceback(rel_executors, re
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("value", [False, "false", "False", "off", "0"])
-def test_reliability_task_exception_logging_off(rel_executors, rel_gates, caplog, value):
+@pytest.mark.parametrize("value", [False, "false", "False", "off", "0"], ids=repr)
+def test_log_exceptions_off_keeps_task_exceptions_out_of_the_log(rel_executors, rel_gates, caplog, value):
     caplog.set_level(logging.DEBUG)
     app = rel_make_app("log_off", EXECUTOR_LOG_EXCEPTIONS=value)
     executor = rel_executors(app)
@@ -3375,7 +3405,7 @@ def test_reliability_task_exception_logging_off(rel_executors, rel_gates, caplog
 
 
 @pytest.mark.timeout(60)
-def test_reliability_raising_done_callback_logged_others_run(rel_executors, rel_gates, caplog):
+def test_every_raising_done_callback_is_logged_and_the_others_still_run(rel_executors, rel_gates, caplog):
     caplog.set_level(logging.DEBUG)
     app = rel_make_app("callbacks")
     executor = rel_executors(app)
@@ -3416,12 +3446,12 @@ def test_reliability_raising_done_callback_logged_others_run(rel_executors, rel_
 
 
 # --------------------------------------------------------------------------
-# 6. shutdown
+# Shutdown and interpreter exit
 # --------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(120)
-def test_reliability_shutdown_wait_runs_every_accepted_task(rel_executors):
+def test_shutdown_wait_runs_every_accepted_task(rel_executors):
     app = rel_make_app("shutdown_wait", EXECUTOR_MAX_WORKERS=2)
     executor = rel_executors(app)
     ran = []
@@ -3439,7 +3469,7 @@ def test_reliability_shutdown_wait_runs_every_accepted_task(rel_executors):
 
 
 @pytest.mark.timeout(120)
-def test_reliability_shutdown_cancel_futures(rel_executors, rel_gates):
+def test_shutdown_cancel_futures_cancels_waiting_tasks_and_running_ones_finish(rel_executors, rel_gates):
     app = rel_make_app("shutdown_cancel", EXECUTOR_MAX_WORKERS=2)
     executor = rel_executors(app)
     gate = rel_gates()
@@ -3469,7 +3499,7 @@ def test_reliability_shutdown_cancel_futures(rel_executors, rel_gates):
 
 
 @pytest.mark.timeout(60)
-def test_reliability_submit_after_shutdown_raises(rel_executors):
+def test_submit_after_shutdown_raises_and_runs_nothing_until_init_app(rel_executors):
     app = rel_make_app("shutdown_submit")
     executor = rel_executors(app)
     assert executor.submit(rel_task_identity, 1).result(timeout=10) == 1
@@ -3530,7 +3560,7 @@ if shutdown_without_waiting:
     ],
     ids=["unbounded", "bounded_queue", "after_shutdown_wait_false"],
 )
-def test_reliability_interpreter_exit_completes_accepted_tasks(tmp_path, config):
+def test_interpreter_exit_completes_accepted_tasks(tmp_path, config):
     script = tmp_path / "rel_exit_script.py"
     script.write_text(REL_EXIT_SCRIPT)
     out = tmp_path / "out.txt"
@@ -3548,7 +3578,7 @@ def test_reliability_interpreter_exit_completes_accepted_tasks(tmp_path, config)
 
 
 # --------------------------------------------------------------------------
-# 7. bad configuration
+# Configuration validation
 # --------------------------------------------------------------------------
 
 REL_BAD_CONFIG = [
@@ -3572,7 +3602,7 @@ REL_BAD_CONFIG = [
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("key,value,extra", REL_BAD_CONFIG, ids=[f"{k}={v!r}" for k, v, _ in REL_BAD_CONFIG])
-def test_reliability_bad_config_raises(key, value, extra):
+def test_bad_config_value_raises_value_error_naming_key_and_value(key, value, extra):
     app = rel_make_app("bad_config", **extra)
     app.config[key] = value
     executor = Executor()
@@ -3584,7 +3614,7 @@ def test_reliability_bad_config_raises(key, value, extra):
 
 
 @pytest.mark.timeout(30)
-def test_reliability_bad_config_named_executor_reports_prefixed_key():
+def test_bad_config_of_a_named_executor_names_the_prefixed_key_and_value():
     app = rel_make_app("bad_named", CUSTOM_EXECUTOR_MAX_WORKERS="abc")
     with pytest.raises(ValueError) as info:
         Executor(app, name="custom")
@@ -3598,7 +3628,7 @@ def test_reliability_bad_config_named_executor_reports_prefixed_key():
     "key", ["EXECUTOR_PROPAGATE_EXCEPTIONS", "EXECUTOR_PUSH_APP_CONTEXT", "EXECUTOR_LOG_EXCEPTIONS"]
 )
 @pytest.mark.parametrize("value", ["TRUE", "off", "Yes", "0", True, False, "no", "1", "On"])
-def test_reliability_good_bool_spellings_accepted(rel_executors, key, value):
+def test_bool_config_accepts_common_spellings(rel_executors, key, value):
     app = rel_make_app("good_bool")
     app.config[key] = value
     executor = rel_executors(app)
@@ -3617,19 +3647,19 @@ def test_reliability_good_bool_spellings_accepted(rel_executors, key, value):
     ],
     ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
 )
-def test_reliability_good_config_strings_accepted(rel_executors, config):
+def test_config_values_given_as_strings_are_accepted(rel_executors, config):
     app = rel_make_app("good_config", **config)
     executor = rel_executors(app)
     assert executor.submit(rel_task_identity, 5).result(timeout=10) == 5
 
 
 # --------------------------------------------------------------------------
-# 8. isolation under load (real threaded werkzeug server)
+# Isolation under load (real threaded werkzeug server)
 # --------------------------------------------------------------------------
 
 
 @pytest.mark.timeout(180)
-def test_reliability_isolation_under_load_threaded_server(rel_executors):
+def test_threaded_server_under_load_keeps_each_requests_g_args_and_session(rel_executors):
     app = rel_make_app("isolation", SECRET_KEY="rel-secret", EXECUTOR_MAX_WORKERS=8)
     executor = rel_executors(app)
 
@@ -3707,7 +3737,7 @@ def test_reliability_isolation_under_load_threaded_server(rel_executors):
 
 
 # ================================================================================================
-# Progress (issue 6): report_progress, future.progress, futures.progress(key)
+# Progress reports: report_progress, future.progress, futures.progress(key)
 # ================================================================================================
 
 
@@ -3835,7 +3865,7 @@ def test_report_progress_in_a_process_pool_is_a_no_op(make_executor):
     assert future.progress is None  # progress does not travel between processes
 
 
-def test_progress_record_is_immutable():
+def test_progress_record_computes_fraction_and_is_immutable():
     progress = Progress(3, 12, "resizing")
     assert progress.fraction == 0.25
     assert Progress(3).fraction is None
