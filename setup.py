@@ -51,6 +51,7 @@ setup(
             "Flask-SQLAlchemy>=3.1",
             "aiosmtpd>=1.4",
             "docutils>=0.20",
+            "pyperf>=2.6",
         ],
     },
     classifiers=[

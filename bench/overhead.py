@@ -1,87 +1,64 @@
-"""Per-task overhead of Flask-Executor against a bare concurrent.futures pool.
+"""Per-task overhead of Flask-Executor against a bare concurrent.futures pool, timed with pyperf.
 
-Run from the repository root::
+Setup: ``pip install -r bench/requirements.txt``; for the 1.0 columns, a second environment
+with ``flask-executor==1.0.0`` too.  From the repository root::
 
-    python bench/overhead.py                 # full run (~5 minutes on 2 cores)
-    python bench/overhead.py --quick         # smoke run for CI (< 60 s), prints the table
-    python bench/overhead.py --compare-python /path/to/venv-with-1.0/bin/python
-    python bench/overhead.py --repo /tmp/a --compare-repo /tmp/b   # A/B of two versions
+    python bench/overhead.py                         # every scenario, then the table
+    python bench/overhead.py --compare-python /tmp/bench10-venv/bin/python   # + 1.0 columns
+    python bench/overhead.py --quick                 # CI smoke check: < 60 s, claims nothing
+    python bench/overhead.py --profile request       # cProfile of one scenario, every thread
 
-``--repo``/``--compare-repo`` name directories holding a ``flask_executor.py``: freeze
-a version with ``git show REV:flask_executor.py > /tmp/a/flask_executor.py`` so that
-edits made while the benchmark runs do not mix versions (the header warns when the
-measured module changed during the run).  The table also gives CPU time, and
-``paired``: the median of the per-round ratios, steadier than the ratio of medians
-when the machine's load drifts.
+Each scenario is two pyperf benchmarks of one session, ``NAME.bare`` (the standard pool)
+and ``NAME.ours``, measured in alternating rounds.  A value is one batch (submit N tasks,
+wait for all; for ``collection_add_*``, one add); the table shows medians, and 1.0/bare is
+against the bare pool under the 1.0 interpreter ("fails": 1.0 raised).
+Results: ``-o`` (default /tmp/bench-results/overhead.json), ``...-1.0.json``,
+``...-memory.json``; ``python -m pyperf stats FILE`` shows the spread.  Memory: RSS growth
+from task 10,000 to 100,000 (no-op tasks submitted in a request, batches of 1,000 waited
+for and dropped), one fresh process per implementation.
 
-Every measurement runs in a fresh child process (``python bench/overhead.py
---child ...``), so that import state, thread pools, the allocator and the GC of
-one measurement never leak into the next.  The bare pool and the executor are
-measured alternately, round after round (the order is reversed every other
-round), and the table shows the median of the rounds and the ratio of the
-medians.
+A/B of two versions: freeze each (edits during a run must not leak into it), run, compare
+(the ``.bare`` rows show how far the machine drifted)::
 
-The children that measure *this* repository's ``flask_executor.py`` get the
-repository directory at the front of ``PYTHONPATH`` and check that the module
-they imported lives there.  With ``--compare-python PATH`` every scenario is also
-run under that interpreter with a clean ``PYTHONPATH`` (it must have
-``flask-executor==1.0.0`` installed); its bare pool is measured under the same
-interpreter, and "fails" is printed where 1.0 cannot run a scenario.
+    git show HEAD~1:flask_executor.py > /tmp/before/flask_executor.py
+    git show HEAD:flask_executor.py > /tmp/after/flask_executor.py
+    python bench/overhead.py --module-dir /tmp/before -o /tmp/bench-results/before.json
+    python bench/overhead.py --module-dir /tmp/after -o /tmp/bench-results/after.json
+    python -m pyperf compare_to /tmp/bench-results/before.json /tmp/bench-results/after.json --table
 
-Scenarios (4 workers everywhere):
+``--module-dir`` (default: the repository) goes first on ``sys.path``; every process checks
+that ``flask_executor`` came from there, and its path and SHA-1 are printed and kept in the
+JSON metadata.  One benchmark, with any pyperf option::
 
-request   submit N no-op tasks inside a pushed ``test_request_context`` (a route
-          is registered so URL matching is real), then wait for all.
-app       the same inside an app context only.
-map       ``list(map(fn, range(N)))`` inside a request context.
-stored    ``submit_stored(key, fn)`` for N keys inside a request context, wait,
-          then ``futures.pop(key)`` for each; bare = ``d[key] = pool.submit(fn)``
-          and ``d.pop(key)``.
-process   process pool, M tasks of ``sum(range(100))`` inside an app context;
-          the pool's worker processes are started before the clock starts.
-nocontext (informational, no target) submit N no-op tasks with no context pushed.
+    python bench/overhead.py run --scenario stored --impl ours --rigorous -o stored.json
 
-Memory: 100,000 no-op tasks submitted inside a request context in batches of
-1,000, each batch waited for and dropped; the RSS growth between the first
-10,000 tasks and the end is reported (a second line does the same with
-submit_stored + pop).
-
-The script never asserts anything about speed: it prints the table and exits 0
-unless a measurement of *this* repository's module fails.
+To add a scenario: a setup ``(impl, n, flask_executor) -> state``, time functions
+``(state, loops) -> seconds`` (pyperf's ``bench_time_func``), an entry in ``SCENARIOS``.
+The exit status is non-zero only when a measurement of the ``--module-dir`` module fails.
 """
 
 import argparse
+import functools
 import gc
+import hashlib
+import importlib
+import itertools
 import json
+import logging
 import os
-import platform
-import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from types import SimpleNamespace
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
-RESULT_MARK = "BENCH-RESULT "
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = 4
 
-# scenario name -> (label, target ratio or None)
-SCENARIOS = {
-    "request": ("submit, request context", 2.5),
-    "app": ("submit, app context only", 1.5),
-    "map": ("map, request context", 2.5),
-    "stored": ("submit_stored + pop, request ctx", 2.7),
-    "process": ("process pool", 1.1),
-    "nocontext": ("submit, no context (info)", None),
-}
-ORDER = ["request", "app", "map", "stored", "process", "nocontext"]
 
-
-# ---------------------------------------------------------------------------
-# Task functions (module level so process pools can pickle them by reference)
-# ---------------------------------------------------------------------------
-
-
+# Tasks: module level, so that process pools pickle them by reference.
 def noop():
     return None
 
@@ -99,794 +76,375 @@ def warm_task():
     return os.getpid()
 
 
-# ---------------------------------------------------------------------------
-# Child side
-# ---------------------------------------------------------------------------
-
-
-def _rss_bytes():
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource  # peak, not current: only a fallback
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _flask_version():
-    try:
-        from importlib.metadata import version
-
-        return version("flask")
-    except Exception:
-        return "?"
-
-
-def _make_app(impl, executor_type):
-    from flask import Flask
-
-    app = Flask("bench")
-    app.config["EXECUTOR_TYPE"] = executor_type
-    app.config["EXECUTOR_MAX_WORKERS"] = WORKERS
-    # Large enough that nothing is ever evicted (1.0 reads 0 literally as "keep none").
-    app.config["EXECUTOR_FUTURES_MAX_LENGTH"] = 2**31
-
-    @app.route("/some/path")
-    def some_path():
-        return "ok"
-
-    @app.route("/other/<int:item>")
-    def other(item):
-        return str(item)
-
-    @app.route("/")
-    def index():
-        return "index"
-
-    return app
-
-
-def _import_executor(impl, repo):
+def import_executor(module_dir):
+    """flask_executor from ``module_dir`` (None: the installed one), checked."""
+    if module_dir:
+        sys.path.insert(0, os.path.abspath(module_dir))
     import flask_executor
 
     path = os.path.realpath(flask_executor.__file__)
-    try:
-        import hashlib
-
-        with open(path, "rb") as f:
-            flask_executor._bench_digest = hashlib.sha1(f.read()).hexdigest()[:10]
-    except OSError:
-        flask_executor._bench_digest = None
-    if impl in ("ours", "alt"):
-        if not path.startswith(os.path.realpath(repo) + os.sep):
-            raise RuntimeError(f"imported {path}, not the repository module under {repo}")
-    elif impl == "v1":
-        version = getattr(flask_executor, "__version__", "?")
-        if not str(version).startswith("1."):
-            raise RuntimeError(f"expected Flask-Executor 1.x, imported {version} ({path})")
-    return flask_executor, path
+    if module_dir and os.path.dirname(path) != os.path.realpath(module_dir):
+        raise SystemExit(f"imported {path}, not the flask_executor.py in {module_dir}")
+    return flask_executor
 
 
-class _Pools:
-    """Gives the scenario code one interface over the bare pool and the executor."""
+def module_info(fe):
+    from importlib.metadata import version
 
-    def __init__(self, impl, executor_type, repo):
-        import concurrent.futures as cf
-
-        self.impl = impl
-        self.module_path = None
-        self.module_version = None
-        self.module_digest = None
-        self.app = _make_app(impl, executor_type)
-        if impl == "bare":
-            cls = cf.ThreadPoolExecutor if executor_type == "thread" else cf.ProcessPoolExecutor
-            self.pool = cls(max_workers=WORKERS)
-            self.store = {}
-        else:
-            mod, self.module_path = _import_executor(impl, repo)
-            self.module_version = getattr(mod, "__version__", None)
-            self.module_digest = mod._bench_digest
-            self.pool = mod.Executor(self.app)
-            self.store = None
-
-    def submit(self, fn, *args):
-        return self.pool.submit(fn, *args)
-
-    def submit_stored(self, key, fn):
-        if self.store is not None:
-            fut = self.store[key] = self.pool.submit(fn)
-            return fut
-        return self.pool.submit_stored(key, fn)
-
-    def pop(self, key):
-        if self.store is not None:
-            return self.store.pop(key)
-        return self.pool.futures.pop(key)
-
-    def map(self, fn, it):
-        return self.pool.map(fn, it)
-
-    def shutdown(self):
-        self.pool.shutdown(wait=True)
+    with open(fe.__file__, "rb") as f:
+        sha1 = hashlib.sha1(f.read()).hexdigest()[:12]
+    return {
+        "flask_executor_file": os.path.realpath(fe.__file__),
+        "flask_executor_version": str(getattr(fe, "__version__", "?")),
+        "flask_executor_sha1": sha1,
+        "flask_version": version("flask"),
+    }
 
 
-def _context(pools, kind):
-    import contextlib
+# Setups: (impl, n, flask_executor) -> state, run once per worker process, outside the clock.
+def pool_setup(executor_type, context, impl, n, fe):
+    from flask import Flask
 
-    if kind == "request":
-        return pools.app.test_request_context("/some/path?x=1")
-    if kind == "app":
-        return pools.app.app_context()
-    return contextlib.nullcontext()
+    app = Flask("bench")
+    app.config.update(EXECUTOR_TYPE=executor_type, EXECUTOR_MAX_WORKERS=WORKERS)
+    app.config["EXECUTOR_FUTURES_MAX_LENGTH"] = 2**31  # never evict (1.0 reads 0 as "keep none")
+    app.add_url_rule("/some/path", "some_path", lambda: "ok")  # a real route to match
+    if impl == "ours":
+        pool = fe.Executor(app)
+    else:
+        pool = (ProcessPoolExecutor if executor_type == "process" else ThreadPoolExecutor)(WORKERS)
+    if context == "request":
+        app.test_request_context("/some/path?x=1").push()
+    elif context == "app":
+        app.app_context().push()
+    wait([pool.submit(warm_task) for _ in range(2 * WORKERS)])  # starts all 4 workers
+    task, expect = (small_task, 4950) if executor_type == "process" else (noop, None)
+    return SimpleNamespace(pool=pool, n=n, task=task, expect=expect, keys=itertools.count(), store={})
 
 
-def _warm_threads(pools):
-    from concurrent.futures import wait
+def collection_setup(impl, n, fe):
+    """A FutureCollection(max_length=n) full of futures that never finish."""
+    mod = fe if hasattr(fe, "FutureCollection") else importlib.import_module("flask_executor.futures")
+    coll = mod.FutureCollection(max_length=n)
+    coll.logger = logging.getLogger("bench.silent")  # eviction warnings: not what is measured
+    coll.logger.setLevel(logging.CRITICAL)
+    futures = [Future() for _ in range(2 * n)]  # used in turn: each is evicted before its reuse
+    for i in range(n):
+        coll.add(i, futures[i])
+    cycle = itertools.islice(itertools.cycle(futures), n, None)
+    return SimpleNamespace(coll=coll, keys=itertools.count(n), futures=cycle, pool=None)
 
-    fs = [pools.submit(noop) for _ in range(200)]
-    wait(fs)
-    for f in fs:
-        f.result()
 
-
-def _run_timed(pools, scenario, n, keys_offset=0):
-    """One timed repetition; returns (wall seconds, CPU seconds of this process,
-    all its threads; the process pool's workers are not counted)."""
-    from concurrent.futures import wait
-
-    def perf():
-        return time.perf_counter(), time.process_time()
-
-    if scenario in ("request", "app", "nocontext"):
-        submit = pools.submit
-        t0 = perf()
-        fs = [submit(noop) for _ in range(n)]
+# Time functions: (state, loops) -> seconds taken by ``loops`` repetitions.
+def submit_batch(st, loops):
+    total = 0.0
+    for _ in range(loops):
+        t0 = time.perf_counter()
+        fs = [st.pool.submit(st.task) for _ in range(st.n)]
         wait(fs)
-        t1 = perf()
-        for f in fs:
-            f.result()  # re-raise anything a task raised (outside the clock)
-        return t1[0] - t0[0], t1[1] - t0[1]
-    if scenario == "map":
-        t0 = perf()
-        out = list(pools.map(identity, range(n)))
-        t1 = perf()
-        if out != list(range(n)):
+        total += time.perf_counter() - t0
+        if any(f.result() != st.expect for f in fs):  # and re-raises what a task raised
+            raise RuntimeError("wrong result")
+    return total
+
+
+def map_batch(st, loops):
+    total = 0.0
+    for _ in range(loops):
+        t0 = time.perf_counter()
+        out = list(st.pool.map(identity, range(st.n)))
+        total += time.perf_counter() - t0
+        if out != list(range(st.n)):
             raise RuntimeError("map returned wrong results")
-        return t1[0] - t0[0], t1[1] - t0[1]
-    if scenario == "stored":
-        keys = [f"task-{i}" for i in range(keys_offset, keys_offset + n)]
-        submit_stored, pop = pools.submit_stored, pools.pop
-        t0 = perf()
-        fs = [submit_stored(k, noop) for k in keys]
+    return total
+
+
+def stored_bare(st, loops):
+    total = 0.0
+    for _ in range(loops):
+        keys = [f"task-{next(st.keys)}" for _ in range(st.n)]
+        t0 = time.perf_counter()
+        fs = []
+        for k in keys:
+            f = st.store[k] = st.pool.submit(noop)
+            fs.append(f)
         wait(fs)
         for k in keys:
-            pop(k)
-        t1 = perf()
-        for f in fs:
-            f.result()
-        if pools.store is None and len(pools.pool.futures):
-            raise RuntimeError("futures left in the collection after pop")
-        return t1[0] - t0[0], t1[1] - t0[1]
-    if scenario == "process":
-        submit = pools.submit
-        t0 = perf()
-        fs = [submit(small_task) for _ in range(n)]
+            st.store.pop(k)
+        total += time.perf_counter() - t0
+        [f.result() for f in fs]
+    return total
+
+
+def stored_ours(st, loops):
+    total = 0.0
+    for _ in range(loops):
+        keys = [f"task-{next(st.keys)}" for _ in range(st.n)]
+        t0 = time.perf_counter()
+        fs = [st.pool.submit_stored(k, noop) for k in keys]
         wait(fs)
-        t1 = perf()
-        if any(f.result() != 4950 for f in fs):
-            raise RuntimeError("wrong result from the process pool")
-        return t1[0] - t0[0], t1[1] - t0[1]
-    raise ValueError(scenario)
+        for k in keys:
+            st.pool.futures.pop(k)
+        total += time.perf_counter() - t0
+        [f.result() for f in fs]
+        if len(st.pool.futures):
+            raise RuntimeError("futures left in the collection after pop")
+    return total
 
 
-def child_time(args):
-    executor_type = "process" if args.scenario == "process" else "thread"
-    ctx_kind = {
-        "request": "request",
-        "map": "request",
-        "stored": "request",
-        "app": "app",
-        "process": "app",
-        "nocontext": None,
-    }[args.scenario]
-    pools = _Pools(args.impl, executor_type, args.repo)
-    result = {
-        "module": pools.module_path,
-        "version": pools.module_version,
-        "digest": pools.module_digest,
-        "python": platform.python_version(),
-        "flask": _flask_version(),
-    }
-    with _context(pools, ctx_kind):
-        if executor_type == "process":
-            # Start every worker process (and the executor's lazily made pool)
-            # before the clock: 4 concurrent sleeping tasks need 4 workers.
-            from concurrent.futures import wait
+def collection_add(st, loops):
+    add, keys, futures = st.coll.add, st.keys, st.futures
+    t0 = time.perf_counter()
+    for _ in range(loops):
+        add(next(keys), next(futures))
+    return time.perf_counter() - t0
 
-            fs = [pools.submit(warm_task) for _ in range(WORKERS * 2)]
-            wait(fs)
-            result["worker_pids"] = len({f.result() for f in fs})
-            pools.submit(small_task).result()
-        else:
-            _warm_threads(pools)
-            # A short untimed pass of the scenario itself warms every code path.
-            _run_timed(pools, args.scenario, min(args.n, 500), keys_offset=10**8)
-        times = []
-        cpus = []
-        for rep in range(args.reps):
+
+@dataclass
+class Scenario:
+    name: str
+    label: str
+    setup: Callable  # (impl, n, flask_executor) -> state
+    bare: Callable | None  # (state, loops) -> seconds; None: nothing to compare with
+    ours: Callable
+    n: int  # tasks per batch (collections: max_length)
+    quick_n: int | None = None  # n under --quick (default: n)
+    goal: float | None = None  # the README's target for ours/bare
+    loops: int = 1  # per value: 1 = a value is one batch; 0 = let pyperf calibrate
+
+    def size(self, opts):
+        return opts.n or (self.quick_n or self.n if opts.quick else self.n)
+
+
+REQ, APP, NOCTX = (functools.partial(pool_setup, "thread", c) for c in ("request", "app", None))
+PROC = functools.partial(pool_setup, "process", "app")
+ADD = {"setup": collection_setup, "bare": None, "ours": collection_add, "loops": 0}
+SCENARIOS = [
+    Scenario("request", "submit inside a request", REQ, submit_batch, submit_batch, 10_000, 2_000, 2.5),
+    Scenario("app", "submit in an app context only", APP, submit_batch, submit_batch, 10_000, 2_000, 1.5),
+    Scenario("map", "map inside a request", REQ, map_batch, map_batch, 10_000, 2_000, 2.5),
+    Scenario("stored", "submit_stored + futures.pop", REQ, stored_bare, stored_ours, 10_000, 2_000, 2.7),
+    Scenario("process", "process pool, sum(range(100))", PROC, submit_batch, submit_batch, 1_000, 200, 1.1),
+    Scenario("nocontext", "submit, no context (info)", NOCTX, submit_batch, submit_batch, 10_000, 2_000),
+    Scenario("collection_add_50", "FutureCollection.add, 50 unfinished", n=50, **ADD),
+    Scenario("collection_add_10000", "FutureCollection.add, 10,000 unfinished", n=10_000, **ADD),
+]
+BY_NAME = {s.name: s for s in SCENARIOS}
+
+
+def child_options(parser):
+    parser.add_argument("--scenario", choices=list(BY_NAME), default="request")
+    parser.add_argument("--impl", choices=["bare", "ours"], default="ours")
+    parser.add_argument("--n", type=int, help="tasks per batch (default: the scenario's)")
+    parser.add_argument("--module-dir", default=REPO, help="directory holding flask_executor.py")
+    parser.add_argument("--installed", action="store_true", help="import the installed flask_executor")
+
+
+def pyperf_main(argv):
+    """One benchmark: a pyperf manager, which runs this again as its workers."""
+    import pyperf
+
+    def pass_on(cmd, args):
+        cmd += ["--scenario", args.scenario, "--impl", args.impl, "--n", str(args.n)]
+        cmd += ["--installed"] if args.installed else ["--module-dir", args.module_dir]
+
+    runner = pyperf.Runner(program_args=(sys.argv[0], "run"), add_cmdline_args=pass_on)
+    child_options(runner.argparser)
+    args = runner.parse_args(argv)
+    sc = BY_NAME[args.scenario]
+    args.n = args.n or sc.n
+    fe = import_executor(None if args.installed else args.module_dir)
+    runner.metadata.update(module_info(fe), bench_n=args.n)
+    time_func, state = sc.bare if args.impl == "bare" else sc.ours, []
+
+    def timed(loops):
+        if not state:  # the first call in this process: set up, outside the clock
+            state.append(sc.setup(args.impl, args.n, fe))
+        return time_func(state[0], loops)
+
+    runner.bench_time_func(f"{sc.name}.{args.impl}", timed)
+
+
+def rss_bytes():
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource  # the peak, not the current size: a fallback
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_main(argv):
+    parser = argparse.ArgumentParser()
+    child_options(parser)
+    parser.add_argument("--tasks", type=int, default=100_000)
+    parser.add_argument("--baseline", type=int, default=10_000)
+    args = parser.parse_args(argv)
+    fe = import_executor(None if args.installed else args.module_dir)
+    st = pool_setup("thread", "request", args.impl, 1000, fe)
+    for done in range(1000, args.tasks + 1, 1000):
+        submit_batch(st, 1)
+        if done == args.baseline:
             gc.collect()
-            wall, cpu = _run_timed(pools, args.scenario, args.n, keys_offset=rep * args.n)
-            times.append(wall)
-            cpus.append(cpu)
-    pools.shutdown()
-    result["times"] = times
-    result["time"] = statistics.median(times)
-    result["cpus"] = cpus
-    result["cpu"] = statistics.median(cpus)
-    return result
+            base = rss_bytes()
+    gc.collect()
+    growth = rss_bytes() - base
+    print(json.dumps({"impl": args.impl, "growth": growth, "tasks": args.tasks, **module_info(fe)}))
 
 
-def child_mem(args):
-    from concurrent.futures import wait
+def profile_main(opts):
+    """cProfile over three batches of one scenario (ours), in the submitting thread and every
+    thread started after (the pool's); times are summed over threads, idle waits included."""
+    import cProfile
+    import pstats
+    import threading
 
-    pools = _Pools(args.impl, "thread", args.repo)
-    stored = args.scenario == "mem-stored"
-    result = {
-        "module": pools.module_path,
-        "version": pools.module_version,
-        "digest": pools.module_digest,
-        "python": platform.python_version(),
-        "flask": _flask_version(),
-    }
-    batch = 1000
-    done = 0
-    rss_base = None
-    with _context(pools, "request"):
-        _warm_threads(pools)
-        while done < args.n:
-            if stored:
-                keys = [f"k{i}" for i in range(done, done + batch)]
-                fs = [pools.submit_stored(k, noop) for k in keys]
-                wait(fs)
-                for k in keys:
-                    pools.pop(k)
-                del keys
-            else:
-                fs = [pools.submit(noop) for _ in range(batch)]
-                wait(fs)
-            for f in fs:
-                f.result()
-            del fs
-            done += batch
-            if done == args.baseline:
-                gc.collect()
-                rss_base = _rss_bytes()
-        gc.collect()
-        rss_end = _rss_bytes()
-    pools.shutdown()
-    result.update(
-        rss_base=rss_base, rss_end=rss_end, growth=rss_end - rss_base, tasks=done, baseline=args.baseline
-    )
-    return result
+    sc, profiles = BY_NAME[opts.profile], []
+
+    def start_profiler(*_):
+        sys.setprofile(None)
+        profiles.append(cProfile.Profile())
+        profiles[-1].enable()
+
+    threading.setprofile(start_profiler)
+    st = sc.setup("ours", opts.n or sc.n, import_executor(opts.module_dir))
+    main = cProfile.Profile()
+    main.runcall(sc.ours, st, 3)
+    if st.pool is not None:
+        st.pool.shutdown(wait=True)  # the threads end: their profiles are complete
+    pstats.Stats(main, *profiles).sort_stats(opts.sort).print_stats(30)
 
 
-def child_main(args):
-    try:
-        if args.scenario.startswith("mem"):
-            result = child_mem(args)
-        else:
-            result = child_time(args)
-    except BaseException as exc:  # report, never hang the parent
-        import traceback
-
-        result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-    sys.stdout.write(RESULT_MARK + json.dumps(result) + "\n")
-    sys.stdout.flush()
-    # Worker processes left behind by a failed run would keep stdout open (and the
-    # parent waiting): end them, they are this child's own.
-    try:
-        import multiprocessing
-
-        for proc in multiprocessing.active_children():
-            proc.terminate()
-    except Exception:
-        pass
-    # Skip interpreter teardown: a broken pool (1.0 map) must not hang the exit.
-    os._exit(0)
+def run_benchmarks(opts, python, module, path, env):
+    """Every scenario under ``python``, in rounds that alternate bare and ours (so that a drift of
+    the machine's load hits both), each round adding runs to ``path``; returns {scenario: error}."""
+    if os.path.exists(path):
+        os.remove(path)
+    perf = ["-q", "-p1", "-n1", "-w0"] if opts.quick else [f"-p{opts.processes}"]
+    failed = {}
+    for rnd, sc in itertools.product(range(1 if opts.quick else opts.rounds), opts.scenarios):
+        impls, loops = ("ours", "bare") if sc.bare else ("ours",), 1 if opts.quick else sc.loops
+        for impl in [] if sc.name in failed else impls[:: -1 if rnd % 2 else 1]:
+            cmd = [python, __file__, "run", f"--scenario={sc.name}", f"--impl={impl}", f"--n={sc.size(opts)}"]
+            cmd += [*module, *perf, f"--loops={loops}", "--timeout=300", "--append", path]
+            proc = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True)
+            if proc.returncode:  # the worker's exception comes first, then pyperf's "worker failed"
+                lines = [x for x in proc.stderr.splitlines() if x[:1].strip() and x[:9] != "Traceback"]
+                failed[sc.name] = (lines or [f"exit status {proc.returncode}"])[0][:200]
+                print(f"{sc.name}.{impl} failed under {python}: {failed[sc.name]}", file=sys.stderr)
+                if env is None:  # the module under --module-dir: the whole traceback
+                    sys.stderr.write(proc.stderr)
+                break
+    return failed
 
 
-# ---------------------------------------------------------------------------
-# Parent side
-# ---------------------------------------------------------------------------
+def run_memory(opts, runs):
+    sizes = ["--tasks=20000", "--baseline=2000"] if opts.quick else []
+    out = {}
+    for label, python, module, env, impl in runs:
+        cmd = [python, __file__, "memory", "--impl", impl, *module, *sizes]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        out[label] = json.loads(proc.stdout) if proc.returncode == 0 else {"error": proc.stderr[-300:]}
+    return out
 
 
-class Runner:
-    def __init__(self, opts):
-        self.opts = opts
-        self.repo = os.path.abspath(opts.repo)
-        self.ours_python = opts.python or sys.executable
-        self.cmp_python = opts.compare_python
-        self.alt_repo = os.path.abspath(opts.compare_repo) if opts.compare_repo else None
-        self.log = []
-        self.background = []  # CPU busy fraction of the machine seen before each child
+def report(opts, paths, failures, memory):
+    import pyperf
 
-    def env_for(self, impl, cmp):
-        env = dict(os.environ)
-        env.pop("PYTHONPATH", None)
-        env.pop("PYTHONHOME", None)
-        env.pop("PYTHONSTARTUP", None)
-        if impl == "ours":
-            env["PYTHONPATH"] = self.repo
-        elif impl == "alt":
-            env["PYTHONPATH"] = self.alt_repo
-        env["PYTHONDONTWRITEBYTECODE"] = "1"
-        return env
+    suites = {label: pyperf.BenchmarkSuite.load(p) for label, p in paths.items() if os.path.exists(p)}
 
-    def wait_for_quiet(self):
-        """Waits (at most --quiet-wait seconds) until the other processes on the
-        machine use less than --quiet-threshold of the CPUs; records what it saw."""
-        if not self.opts.quiet_wait:
-            return
-        deadline = time.monotonic() + self.opts.quiet_wait
-        while True:
-            busy = _cpu_busy(0.2)
-            if busy is None:
-                return
-            if busy < self.opts.quiet_threshold or time.monotonic() >= deadline:
-                self.background.append(busy)
-                return
-            time.sleep(0.5)
-
-    @staticmethod
-    def _kill(proc):
-        import signal
-
+    def median(label, name):
         try:
-            if os.name == "posix":
-                os.killpg(proc.pid, signal.SIGKILL)
-            else:
-                proc.kill()
-        except OSError:
-            pass
+            bench = suites[label].get_benchmark(name)
+        except KeyError:
+            return None, "-"
+        return bench.median(), bench.format_value(bench.median())
 
-    def run_child(self, scenario, impl, n, reps=1, baseline=0, cmp=False):
-        self.wait_for_quiet()
-        python = self.cmp_python if cmp else self.ours_python
-        cmd = [
-            python,
-            os.path.abspath(__file__),
-            "--child",
-            "--scenario",
-            scenario,
-            "--impl",
-            impl,
-            "-n",
-            str(n),
-            "--reps",
-            str(reps),
-            "--baseline",
-            str(baseline),
-            "--repo",
-            self.alt_repo if impl == "alt" else self.repo,
-        ]
-        # A session of its own, so that on a timeout the child and whatever it
-        # started (pool workers) can be ended together, and nothing else.
-        proc = subprocess.Popen(
-            cmd,
-            env=self.env_for(impl, cmp),
-            cwd=HERE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            universal_newlines=True,
-            start_new_session=(os.name == "posix"),
+    print()
+    for label, suite in suites.items():
+        meta = [b.get_metadata() for b in suite.get_benchmarks()]
+        m, runs = meta[0], [r.get_metadata() for b in suite.get_benchmarks() for r in b.get_runs()]
+        print(
+            f"{label}: {m['flask_executor_file']} (version {m['flask_executor_version']}, sha1"
+            f" {m['flask_executor_sha1']}), Python {m['python_version']}, Flask {m['flask_version']}"
         )
-        try:
-            stdout, stderr = proc.communicate(timeout=self.opts.timeout)
-        except subprocess.TimeoutExpired:
-            self._kill(proc)
-            proc.communicate()
-            return {"error": f"timeout after {self.opts.timeout}s"}
-        for line in reversed(stdout.splitlines()):
-            if line.startswith(RESULT_MARK):
-                return json.loads(line[len(RESULT_MARK) :])
-        return {
-            "error": "child exited {} without a result: {}".format(
-                proc.returncode, (stderr or "").strip().splitlines()[-1:] or ""
-            )
-        }
-
-
-def _fmt_ms(seconds):
-    return "%.1f" % (seconds * 1000.0)
-
-
-def _median_or_none(values):
-    return statistics.median(values) if values else None
-
-
-def _impls(opts):
-    impls = [("bare", False), ("ours", False)]
-    if opts.compare_repo:
-        impls.append(("alt", False))
-    if opts.compare_python:
-        impls += [("bare", True), ("v1", True)]
-    return impls
-
-
-def run_benchmarks(opts):
-    runner = Runner(opts)
-    scenarios = [s for s in ORDER if s in opts.scenarios]
-    impls = _impls(opts)
-    # results[(scenario, impl, cmp)] = list of per-process medians
-    results = {}
-    cpu_results = {}
-    by_round = {}  # (round, scenario, impl, cmp) -> (wall, cpu)
-    errors = {}
-    modules = {}
-    digests = {}  # impl -> set of module digests seen
-    runs = {}  # key -> processes started
-    failures = {}  # key -> processes that failed
-    load_before = _loadavg()
-    for rnd in range(opts.rounds):
-        order = impls if rnd % 2 == 0 else list(reversed(impls))
-        for scenario in scenarios:
-            n = opts.process_tasks if scenario == "process" else opts.tasks
-            for impl, cmp in order:
-                key = (scenario, impl, cmp)
-                runs[key] = runs.get(key, 0) + 1
-                # The process pool batch is short and noisy: more repetitions per child.
-                reps = opts.reps * 3 if scenario == "process" else opts.reps
-                res = runner.run_child(scenario, impl, n, reps=reps, cmp=cmp)
-                if "error" in res:
-                    errors.setdefault(key, res)
-                    failures[key] = failures.get(key, 0) + 1
-                    if opts.verbose:
-                        sys.stderr.write(
-                            "{} {}{}: {}\n".format(scenario, impl, " (cmp)" if cmp else "", res["error"])
-                        )
-                    continue
-                results.setdefault(key, []).append(res["time"])
-                cpu_results.setdefault(key, []).append(res["cpu"])
-                by_round[(rnd,) + key] = (res["time"], res["cpu"])
-                digests.setdefault(impl, set()).add(res.get("digest"))
-                if impl not in modules:
-                    modules[impl] = (
-                        res.get("module"),
-                        res.get("version"),
-                        res.get("python"),
-                        res.get("flask"),
-                    )
-                if opts.verbose:
-                    each = " ".join(f"{t * 1000:.1f}" for t in res["times"])
-                    sys.stderr.write(
-                        f"round {rnd + 1} {scenario:<9} {impl:<4}{' (cmp)' if cmp else '      '}"
-                        f" {res['time'] * 1000:8.2f} ms  {each}\n"
-                    )
-    mem = {}
-    if opts.memory:
-        for scenario in ("mem", "mem-stored"):
-            for rnd in range(opts.mem_rounds):
-                for impl, cmp in impls if rnd % 2 == 0 else list(reversed(impls)):
-                    key = (scenario, impl, cmp)
-                    res = runner.run_child(
-                        scenario, impl, opts.mem_tasks, baseline=opts.mem_baseline, cmp=cmp
-                    )
-                    if "error" in res:
-                        errors.setdefault(key, res)
-                        continue
-                    mem.setdefault(key, []).append(res["growth"])
-                    if opts.verbose:
-                        sys.stderr.write(
-                            f"mem {scenario:<10} {impl:<4}{' (cmp)' if cmp else '      '} growth"
-                            f" {res['growth'] / 2**20:.2f} MiB (base {res['rss_base'] / 2**20:.1f} MiB)\n"
-                        )
-    load = (load_before, _loadavg())
-    extra = {
-        "runs": runs,
-        "failures": failures,
-        "load": load,
-        "cpu": cpu_results,
-        "by_round": by_round,
-        "digests": digests,
-        "background": runner.background,
-    }
-    return scenarios, results, errors, mem, modules, extra
-
-
-def _cpu_times():
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return sum(fields[:8]), idle
-
-
-def _cpu_busy(interval):
-    """Fraction of all CPUs busy during ``interval`` seconds (Linux), or None."""
-    a = _cpu_times()
-    time.sleep(interval)
-    b = _cpu_times()
-    if a is None or b is None or b[0] == a[0]:
-        return None
-    return 1.0 - (b[1] - a[1]) / float(b[0] - a[0])
-
-
-def _loadavg():
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-
-
-def _paired(extra, scenario, a, b, metric):
-    """Median over rounds of (a / b) measured in the same round, or None."""
-    idx = 0 if metric == "wall" else 1
-    ratios = []
-    by_round = extra["by_round"]
-    for rnd in range(max([k[0] for k in by_round] or [-1]) + 1):
-        x, y = by_round.get((rnd, scenario) + a), by_round.get((rnd, scenario) + b)
-        if x and y and y[idx] > 0:
-            ratios.append(x[idx] / y[idx])
-    return statistics.median(ratios) if ratios else None
-
-
-def _table(opts, scenarios, values, extra, metric, runs, failures):
-    cmp = bool(opts.compare_python)
-    unit = "ms" if metric == "wall" else "cpu"
-    head = ["scenario", "target", "bare " + unit, "ours " + unit, "ours/bare", "paired", "ok"]
-    if opts.compare_repo:
-        head += ["B " + unit, "B/bare", "paired"]
-    if cmp:
-        head += ["1.0 " + unit, "1.0/bare", "paired"]
-    rows = [head]
-    for s in scenarios:
-        label, target = SCENARIOS[s]
-        bare = _median_or_none(values.get((s, "bare", False), []))
-        ours = _median_or_none(values.get((s, "ours", False), []))
-        row = [
-            label,
-            (f"<= {target:.1f}") if target and metric == "wall" else "-",
-            _fmt_ms(bare) if bare is not None else "error",
-            _fmt_ms(ours) if ours is not None else "fails",
-        ]
-        if ours is not None and bare is not None:
-            ratio = ours / bare
-            paired = _paired(extra, s, ("ours", False), ("bare", False), metric)
-            ok = "-"
-            if target and metric == "wall":
-                ok = "yes" if ratio <= target else "NO"
-            row += [f"{ratio:.2f}", f"{paired:.2f}" if paired else "-", ok]
-        else:
-            row += ["-", "-", "NO" if target and metric == "wall" else "-"]
-        if opts.compare_repo:
-            alt = _median_or_none(values.get((s, "alt", False), []))
-            if alt is not None and bare is not None:
-                paired = _paired(extra, s, ("alt", False), ("bare", False), metric)
-                row += [_fmt_ms(alt), f"{alt / bare:.2f}", f"{paired:.2f}" if paired else "-"]
-            else:
-                row += ["fails", "-", "-"]
+        load = sorted(r.get("load_avg_1min", 0) for r in runs)
+        print(f"  {m.get('cpu_model_name')}, {m['cpu_count']} CPUs; load average {load[0]} to {load[-1]}")
+        if len({x["flask_executor_sha1"] for x in meta}) > 1:
+            print(f"WARNING: {label}'s flask_executor.py changed during the run: freeze a copy, run again")
+    if opts.quick:
+        print("--quick is a smoke check, one value per benchmark: the figures below are not measurements")
+    cmp = "1.0" in paths
+    rows = [["scenario", "n", "bare", "ours", "ours/bare", "goal"] + (["1.0", "1.0/bare"] if cmp else [])]
+    for sc in opts.scenarios:
+        (bare, bare_s), (ours, ours_s) = median("ours", sc.name + ".bare"), median("ours", sc.name + ".ours")
+        ratio = f"{ours / bare:.2f}" if bare and ours else "-"
+        goal = f"<= {sc.goal}" if sc.goal else "-"
+        row = [sc.label, f"{sc.size(opts):,}", bare_s, ours_s if ours else "fails", ratio, goal]
         if cmp:
-            cbare = _median_or_none(values.get((s, "bare", True), []))
-            v1 = _median_or_none(values.get((s, "v1", True), []))
-            nfail = failures.get((s, "v1", True), 0)
-            if nfail:
-                nrun = runs.get((s, "v1", True), 0)
-                row += ["fails" if nfail == nrun else f"fails {nfail}/{nrun}", "-", "-"]
-            elif v1 is not None and cbare is not None:
-                paired = _paired(extra, s, ("v1", True), ("bare", True), metric)
-                row += [_fmt_ms(v1), f"{v1 / cbare:.2f}", f"{paired:.2f}" if paired else "-"]
-            else:
-                row += ["-", "-", "-"]
+            (bare1, _), (v1, v1_s) = median("1.0", sc.name + ".bare"), median("1.0", sc.name + ".ours")
+            ratio = f"{v1 / bare1:.2f}" if bare1 and v1 else "-"
+            row += ["fails", "-"] if sc.name in failures.get("1.0", {}) else [v1_s, ratio]
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = []
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, r in enumerate(rows):
-        lines.append(
-            "  ".join(c.ljust(widths[j]) if j == 0 else c.rjust(widths[j]) for j, c in enumerate(r)).rstrip()
-        )
+        print("  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
         if i == 0:
-            lines.append("  ".join("-" * x for x in widths))
-    return "\n".join(lines) + "\n"
-
-
-def print_report(opts, scenarios, results, errors, mem, modules, extra, out=sys.stdout):
-    w = out.write
-    runs, failures, load = extra["runs"], extra["failures"], extra["load"]
-    cmp = bool(opts.compare_python)
-    info = modules.get("ours") or modules.get("bare") or (None, None, platform.python_version(), "?")
-    w("\nFlask-Executor overhead benchmark (%s mode)\n" % ("quick" if opts.quick else "full"))
-    w(
-        f"python {info[2]}, Flask {info[3]}, {WORKERS} workers, {os.cpu_count() or 0} CPUs,"
-        f" {opts.rounds} rounds x {opts.reps} rep(s), {opts.tasks} tasks"
-        f" (process pool: {opts.process_tasks})\n"
-    )
-    if "ours" in modules:
-        seen = sorted(d for d in extra["digests"].get("ours", ()) if d)
-        w("ours: {} (version {}, sha1 {})\n".format(modules["ours"][0], modules["ours"][1], ", ".join(seen)))
-        if len(seen) > 1:
-            w(
-                f"WARNING: flask_executor.py changed during the run ({len(seen)} versions measured): "
-                "run again\n"
-            )
-    if "alt" in modules:
-        seen = sorted(d for d in extra["digests"].get("alt", ()) if d)
-        w(f"B:    {modules['alt'][0]} (version {modules['alt'][1]}, sha1 {', '.join(seen)})\n")
-    if cmp and "v1" in modules:
-        w("1.0:  {} (version {}, python {}, Flask {})\n".format(*tuple(modules["v1"])))
-    if load[0] is not None:
-        w("load average (1 min) before/after: {:.2f} / {:.2f}\n".format(*load))
-    bg = extra["background"]
-    if bg:
-        w(
-            f"other processes used {100 * statistics.median(bg):.0f}% of the CPUs before a median"
-            f" measurement (max {100 * max(bg):.0f}%; waited up to "
-            f"{opts.quiet_wait:g}s each for < {100 * opts.quiet_threshold:.0f}%)\n"
-        )
-    w(
-        "times: medians in ms of the whole batch (submit + wait); ours/bare = ratio of the medians; "
-        "paired = median of the per-round ratios\n"
-    )
-    if cmp:
-        w(
-            '1.0/bare is against the bare pool timed under the 1.0 interpreter; "fails k/n": '
-            "k of n runs raised\n"
-        )
-    w("\n")
-
-    failed_ours = False
-    for s in scenarios:
-        if not results.get((s, "ours", False)):
-            failed_ours = True
-    w(_table(opts, scenarios, results, extra, "wall", runs, failures))
-    w("\nCPU time of the measuring process (all its threads; for the process pool only the parent), ms:\n")
-    w(_table(opts, scenarios, extra["cpu"], extra, "cpu", runs, failures))
-
-    if opts.memory:
-        w(
-            f"\nmemory: RSS growth from task {opts.mem_baseline} to task {opts.mem_tasks} (request"
-            f" context, batches of 1,000), median of {opts.mem_rounds}; target < 5 MB\n"
-        )
-        for scenario, label in (("mem", "submit"), ("mem-stored", "submit_stored + pop")):
-            parts = []
-            for impl, c in _impls(opts):
-                name = {"bare": "bare", "ours": "ours", "alt": "B", "v1": "1.0"}[impl]
-                if c and impl == "bare":
-                    name = "bare (1.0 python)"
-                vals = mem.get((scenario, impl, c))
-                if vals:
-                    parts.append(f"{name} {statistics.median(vals) / 2**20:+.2f} MiB")
-                elif (scenario, impl, c) in errors:
-                    parts.append(f"{name} fails")
-            w(f"  {label + ':':<20} {', '.join(parts)}\n")
-
-    if errors:
-        w("\nfailures (first error of each):\n")
-        for (s, impl, c), res in sorted(errors.items()):
-            name = {"bare": "bare", "ours": "ours", "alt": "B", "v1": "1.0"}[impl] + (
-                " (compare python)" if c and impl == "bare" else ""
-            )
-            w(f"  {s:<10} {name:<22} {res['error'][:200]}\n")
-            if impl == "ours" and opts.verbose and res.get("traceback"):
-                w(res["traceback"])
-    return failed_ours or any(impl in ("bare", "ours") for (_, impl, _c) in errors)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer tasks and rounds (CI smoke check, < 60 s)")
-    p.add_argument(
-        "--compare-python",
-        metavar="PATH",
-        help="interpreter with flask-executor==1.0.0 installed; adds a 1.0 column",
-    )
-    p.add_argument(
-        "--python", metavar="PATH", help="interpreter for the bare/ours measurements (default: this one)"
-    )
-    p.add_argument(
-        "--compare-repo",
-        metavar="DIR",
-        help="another directory holding a flask_executor.py (a version before or after a change):"
-        " measured in the same rounds, shown as column B",
-    )
-    p.add_argument("--repo", default=REPO, help="directory holding flask_executor.py (default: %(default)s)")
-    p.add_argument("--rounds", type=int, help="alternating rounds (default 7, quick 3)")
-    p.add_argument(
-        "--reps",
-        type=int,
-        help="timed repetitions inside each child; the child reports "
-        "their median (default 3, quick 1; x3 for the process pool)",
-    )
-    p.add_argument("--tasks", type=int, help="tasks per batch (default 10000, quick 2000)")
-    p.add_argument("--process-tasks", type=int, help="process pool tasks (default 1000, quick 300)")
-    p.add_argument(
-        "--scenarios", default=",".join(ORDER), help="comma-separated subset of: {}".format(", ".join(ORDER))
-    )
-    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory line")
-    p.add_argument("--mem-tasks", type=int, help="tasks in the memory test (default 100000, quick 20000)")
-    p.add_argument(
-        "--mem-baseline",
-        type=int,
-        help="RSS baseline taken after this many tasks (default 10000, quick 2000)",
-    )
-    p.add_argument("--mem-rounds", type=int, help="memory runs per implementation (default 3, quick 1)")
-    p.add_argument("--timeout", type=float, default=300, help="seconds before a child is killed")
-    p.add_argument(
-        "--quiet-wait",
-        type=float,
-        help="before each child, wait up to this many seconds "
-        "for the machine to be quiet (default 5, quick 0 = do not check)",
-    )
-    p.add_argument(
-        "--quiet-threshold",
-        type=float,
-        default=0.15,
-        help='"quiet": other processes use less than this fraction of all CPUs',
-    )
-    p.add_argument("--json", metavar="PATH", help="also write the raw numbers to this file")
-    p.add_argument("-v", "--verbose", action="store_true", help="print every measurement to stderr")
-    # child mode
-    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--scenario", help=argparse.SUPPRESS)
-    p.add_argument("--impl", help=argparse.SUPPRESS)
-    p.add_argument("-n", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--baseline", type=int, default=0, help=argparse.SUPPRESS)
-    opts = p.parse_args(argv)
-    if opts.child:
-        opts.reps = opts.reps or 1
-        return opts
-    quick = opts.quick
-    defaults = {
-        "rounds": (3, 7),
-        "reps": (1, 3),
-        "tasks": (2000, 10000),
-        "process_tasks": (300, 1000),
-        "mem_tasks": (20000, 100000),
-        "mem_baseline": (2000, 10000),
-        "mem_rounds": (1, 3),
-        "quiet_wait": (0, 5),
-    }
-    for name, (q, full) in defaults.items():
-        if getattr(opts, name) is None:
-            setattr(opts, name, q if quick else full)
-    opts.scenarios = [s.strip() for s in opts.scenarios.split(",") if s.strip()]
-    unknown = set(opts.scenarios) - set(ORDER)
-    if unknown:
-        p.error("unknown scenario(s): {}".format(", ".join(sorted(unknown))))
-    if opts.mem_baseline >= opts.mem_tasks or opts.mem_baseline % 1000 or opts.mem_tasks % 1000:
-        p.error("--mem-baseline and --mem-tasks must be multiples of 1000, baseline < tasks")
-    if opts.compare_python and not os.path.exists(opts.compare_python):
-        p.error(f"--compare-python {opts.compare_python} does not exist")
-    return opts
+            print("  ".join("-" * w for w in widths))
+    for label in suites:
+        (small, _), (big, _) = (median(label, f"collection_add_{n}.ours") for n in (50, 10000))
+        if small and big:
+            print(f"FutureCollection.add, {label}: add@10000 / add@50 = {big / small:.1f} (constant: ~1)")
+    if memory:
+        print("RSS growth after the first tenth of the tasks (submit in a request):")
+        for k, v in memory.items():
+            print(f"  {k:<4} {v['growth'] / 2**20:+.2f} MiB" if "growth" in v else f"  {k:<4} fails")
+    for label, errors in failures.items():
+        for name, error in errors.items():
+            print(f"{label} {name} fails: {error}")
 
 
 def main(argv=None):
-    opts = parse_args(argv)
-    if opts.child:
-        child_main(opts)
-        return 0
-    started = time.time()
-    scenarios, results, errors, mem, modules, extra = run_benchmarks(opts)
-    bad = print_report(opts, scenarios, results, errors, mem, modules, extra)
-    sys.stdout.write("\n(%.0f s)\n" % (time.time() - started))
-    if opts.json:
-        raw = {
-            "times": {"{}/{}{}".format(s, i, "/cmp" if c else ""): v for (s, i, c), v in results.items()},
-            "memory": {"{}/{}{}".format(s, i, "/cmp" if c else ""): v for (s, i, c), v in mem.items()},
-            "errors": {
-                "{}/{}{}".format(s, i, "/cmp" if c else ""): e["error"] for (s, i, c), e in errors.items()
-            },
-            "modules": modules,
-            "argv": sys.argv[1:],
-        }
-        with open(opts.json, "w") as f:
-            json.dump(raw, f, indent=1)
-    return 1 if bad else 0
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        return pyperf_main(argv[1:])
+    if argv[:1] == ["memory"]:
+        return memory_main(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="CI smoke check: one value each, < 60 s, no claims")
+    p.add_argument("--module-dir", default=REPO, help="holds the flask_executor.py to measure")
+    p.add_argument("--compare-python", metavar="PATH", help="a Python with flask-executor==1.0.0")
+    p.add_argument("-o", "--output", default="/tmp/bench-results/overhead.json", help="pyperf JSON file")
+    p.add_argument("--scenarios", default=",".join(BY_NAME), help="comma-separated subset (default: all)")
+    p.add_argument("--rounds", type=int, default=4, help="alternating rounds (%(default)s)")
+    p.add_argument("--processes", type=int, default=2, help="pyperf workers per benchmark and round")
+    p.add_argument("--n", type=int, help="tasks per batch in every scenario (default: each one's)")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the memory measurement")
+    p.add_argument("--profile", metavar="SCENARIO", choices=list(BY_NAME), help="cProfile one scenario")
+    p.add_argument("--sort", default="tottime", help="pstats sort key for --profile (%(default)s)")
+    opts = p.parse_args(argv)
+    if opts.profile:
+        return profile_main(opts)
+    opts.scenarios = [BY_NAME[s] for s in opts.scenarios.split(",")]
+    os.makedirs(os.path.dirname(os.path.abspath(opts.output)), exist_ok=True)
+    stem = opts.output.removesuffix(".json")
+    ours = ["--module-dir", opts.module_dir]
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # 1.0 is the installed one
+    paths, started = {"ours": opts.output}, time.monotonic()
+    failures = {"ours": run_benchmarks(opts, sys.executable, ours, opts.output, None)}
+    mem_runs = [("bare", sys.executable, ours, None, "bare"), ("ours", sys.executable, ours, None, "ours")]
+    if opts.compare_python:
+        paths["1.0"] = stem + "-1.0.json"
+        failures["1.0"] = run_benchmarks(opts, opts.compare_python, ["--installed"], paths["1.0"], clean)
+        mem_runs.append(("1.0", opts.compare_python, ["--installed"], clean, "ours"))
+    memory = run_memory(opts, mem_runs) if opts.memory else {}
+    if memory:
+        with open(stem + "-memory.json", "w") as f:
+            json.dump(memory, f, indent=1)
+    report(opts, paths, failures, memory)
+    print(f"({time.monotonic() - started:.0f} s; results in {', '.join(paths.values())})")
+    return 1 if failures["ours"] or "error" in memory.get("ours", {}) else 0
 
 
 if __name__ == "__main__":
