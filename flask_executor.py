@@ -2095,9 +2095,15 @@ class _SharedStore:
             concurrent.futures.Future.add_done_callback(future, entry.finish)
         return [_decode_key(key) for key in dropped]
 
-    def get(self, key: Hashable) -> _StoredFuture | None:
+    def get(self, key: Hashable) -> concurrent.futures.Future[Any] | _StoredFuture | None:
         record = self.backend.read(_encode_key(key)) if _is_store_key(key) else None
-        return None if record is None else _StoredFuture(self, record)
+        if record is None:
+            return None
+        # A task accepted here answers through its own future, which a pop() leaves working
+        # (1.0's users get a future by key, pop the key, then wait: Flask-Shell2HTTP does).
+        with self._lock:
+            local = self._local.get(record.id)
+        return local if local is not None else _StoredFuture(self, record)
 
     def pop(self, key: Hashable) -> Any:
         record = self.backend.pop(_encode_key(key)) if _is_store_key(key) else None
@@ -2361,7 +2367,7 @@ class _StoredMapping:
         found = self._store.get(key)
         return default if found is None else found
 
-    def __getitem__(self, key: Hashable) -> _StoredFuture:
+    def __getitem__(self, key: Hashable) -> concurrent.futures.Future[Any] | _StoredFuture:
         found = self._store.get(key)
         if found is None:
             raise KeyError(key)
@@ -2441,6 +2447,12 @@ class _Signer:
         ).digest()
 
 
+def _inserted_id(cursor: Any) -> Any:
+    """The id of the row an INSERT OR IGNORE inserted, or None when it inserted none:
+    sqlite3's ``lastrowid`` then still holds the id of the connection's last insert."""
+    return cursor.lastrowid if cursor.rowcount == 1 else None
+
+
 class _SQLiteStore:
     """``EXECUTOR_FUTURES_STORE = "/path/to/file"``: a SQLite database in WAL mode,
     which every process of the machine that names the file shares. Each thread
@@ -2473,11 +2485,11 @@ class _SQLiteStore:
         # claim is one insert and one read.
         now = time.time()
         insert = "INSERT OR IGNORE INTO tasks (namespace, key, state, owner) VALUES (?, ?, 'PENDING', ?)"
-        entry_id = self._write(insert, (self._namespace, key, owner)).lastrowid
+        entry_id = _inserted_id(self._write(insert, (self._namespace, key, owner)))
         if not entry_id and self._ttl is not None:  # the key may be held by an expired entry
             expired = "DELETE FROM tasks WHERE namespace = ? AND key = ? AND finished < ?"
             self._write(expired, (self._namespace, key, now - self._ttl))
-            entry_id = self._write(insert, (self._namespace, key, owner)).lastrowid
+            entry_id = _inserted_id(self._write(insert, (self._namespace, key, owner)))
         if not entry_id:
             return None
         if self._beaten.get(owner, 0.0) < now - _HEARTBEAT_SECONDS:  # readers must see it alive at once

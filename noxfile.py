@@ -3,10 +3,11 @@
     nox -l                     # list the sessions
     nox -t ci                  # what CI runs: the oldest and the newest corner, mypy, lint
     nox -s "tests(3.12-flask3.0)"
-    nox -s tests -- -k ecosystem -x     # arguments after -- go to pytest
+    nox -s tests -- -k "sync or dask" -x     # arguments after -- go to pytest
 
 The tests session runs the suite on Python 3.10 to 3.13 against Flask 2.2, 2.3, 3.0 and 3.1,
-each with the Werkzeug its era was released with.
+each with the Werkzeug its era was released with; tests_flask32 runs it on Python 3.13 against
+Flask 3.2, a development build not yet on the package index (its wheel is in ../shared/wheels).
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ FLASKS = {
 # The library suite's own test dependencies (examples/ has its own requirements and needs Flask 3).
 TEST_DEPS = ["pytest>=8", "pytest-timeout>=2.3", "distributed", "gunicorn", "docutils"]
 CORNERS = {(PYTHONS[0], "2.2"), (PYTHONS[-1], "3.1")}
+# Flask 3.2 merges the request context into the app context; it needs Werkzeug 3.1 or later. The
+# wheel is shared with the project in ../shared/wheels; .ci/wheels keeps a copy for clean clones.
+_WHEEL = "flask-3.2.0.dev0-py3-none-any.whl"
+_HERE = Path(__file__).resolve().parent
+FLASK_32_WHEEL = next(
+    (
+        path
+        for path in (_HERE.parent / "shared/wheels" / _WHEEL, _HERE / ".ci/wheels" / _WHEEL)
+        if path.exists()
+    ),
+    _HERE / ".ci/wheels" / _WHEEL,
+)
 RUFF = "ruff==0.17.6"
 MYPY = "mypy>=1.11"
 
@@ -70,6 +83,20 @@ def tests(session: nox.Session, flask: str) -> None:
     session.install(".", *FLASKS[flask], *TEST_DEPS)
     session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
     session.run("python", "-m", "pytest", "test_flask_executor.py", *session.posargs)
+
+
+@nox.session(python=PYTHONS[-1], tags=["ci"])
+def tests_flask32(session: nox.Session) -> None:
+    """The test suite on Flask 3.2, with DeprecationWarning as an error: Flask 3.2 deprecates
+    RequestContext and request_ctx, which the module must not touch there."""
+    if not FLASK_32_WHEEL.exists():
+        session.error(f"the Flask 3.2 wheel is missing: {FLASK_32_WHEEL}")
+    session.install("-e", ".[test]", "werkzeug>=3.1")
+    # After the rest, so that it replaces the released Flask that .[test] brought in.
+    session.install(str(FLASK_32_WHEEL))
+    session.run("python", "-m", "pip", "list", "--format=freeze", silent=False)
+    deprecations_fail = ("-W", "error::DeprecationWarning")
+    session.run("python", "-m", "pytest", *deprecations_fail, "test_flask_executor.py", *session.posargs)
 
 
 @nox.session(python=PYTHONS[-1], tags=["ci"])

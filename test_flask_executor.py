@@ -16,11 +16,15 @@ their test clients, request contexts and CLI runner. No timing assertions: tests
 """
 
 import asyncio
+import collections
 import concurrent.futures
 import gc
+import hashlib
 import http.client
 import http.cookies
 import importlib
+import importlib.metadata
+import importlib.util
 import io
 import json
 import logging
@@ -28,14 +32,18 @@ import multiprocessing
 import os
 import pathlib
 import pickle
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
+import urllib.parse
+import urllib.request
 import uuid
 import warnings
 import zipfile
@@ -57,6 +65,7 @@ from flask import (
     url_for,
 )
 from werkzeug.serving import WSGIRequestHandler, make_server
+from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 import flask_executor
 from flask_executor import Executor, FutureCollection, Progress, QueueFull, TaskFuture, report_progress
@@ -3885,3 +3894,1120 @@ def test_readme_is_valid_restructuredtext():
     readme = (Path(__file__).resolve().parent / "README.rst").read_text(encoding="utf-8")
     # halt_level 2: any warning (a broken table, an unclosed literal) raises.
     docutils_core.publish_doctree(readme, settings_overrides={"halt_level": 2, "report_level": 2})
+
+
+# ================================================================================================
+# Code written for Flask-Executor 1.0, a real dependent (Flask-Shell2HTTP), and Flask 3.2
+# ================================================================================================
+# Tests: code written for Flask-Executor 1.0, a real dependent, and Flask 3.2.
+#
+# - 1.0's import paths (``flask_executor.executor``, ``.futures``, ``.helpers``), from the
+#   installed wheel and from the module copied alone into a project;
+# - 1.0's keyword call forms (``submit_stored(future_key=..., fn=...)``), while the typed
+#   signatures stay strict for mypy;
+# - ``Executor(current_app)`` built in a view or an app context;
+# - ``futures._state(key)`` and ``futures.running(key)`` agreeing for process pools;
+# - Flask-Shell2HTTP 1.9.1 from PyPI, driven through its documented flow, with the stored futures
+#   in memory and in a shared SQLite store (EXECUTOR_FUTURES_STORE);
+# - the request body shared by a view and its tasks, read at once through a slow stream;
+# - uploaded files, url_value_preprocessor and teardown functions with Flask 3.2's merged contexts.
+#
+# Conventions (to be merged into test_flask_executor.py): module-level helpers and fixtures
+# start with ``compat_``, tests with ``test_compat_``. Real parts only: real pools, real apps
+# driven through their WSGI interface, real virtual environments and packages; every wait is
+# bounded.
+
+# Generous bound used whenever a test waits for something to happen.
+COMPAT_WAIT = 30
+# Python 3.12+ warns when a multi-threaded process forks; process pools fork on purpose.
+COMPAT_FORK_WARNING = "ignore:.*use of fork\\(\\) may lead to deadlocks:DeprecationWarning"
+
+
+def compat_find_repo():
+    """The checkout: the first folder up from this file that holds setup.py and the module."""
+    for folder in Path(__file__).resolve().parents:
+        if (folder / "setup.py").exists() and (folder / "flask_executor.py").exists():
+            return folder
+    raise RuntimeError("no checkout of Flask-Executor above " + __file__)
+
+
+COMPAT_REPO = compat_find_repo()
+# The module under test (the one imported above): copied into projects and built into wheels.
+COMPAT_MODULE = Path(flask_executor.__file__).resolve()
+# Wheels that are not on the package index, such as Flask's development builds.
+COMPAT_SHARED_WHEELS = COMPAT_REPO.parent / "shared" / "wheels"
+COMPAT_SHELL2HTTP = "flask-shell2http==1.9.1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers and fixtures
+
+
+def compat_wait_for(predicate, timeout=COMPAT_WAIT, interval=0.01):
+    """Poll predicate until it is true or timeout passes; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def compat_clean_env():
+    """This environment without the variables that would point a subprocess at this checkout."""
+    return {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "MYPYPATH")}
+
+
+def compat_run(*command, cwd, timeout=600, check=True):
+    done = subprocess.run(
+        [str(part) for part in command],
+        cwd=cwd,
+        env=compat_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert done.returncode == 0, f"{command}\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+def compat_flask_requirements():
+    """pip arguments that install the Flask and Werkzeug this suite runs on, so that a fresh
+    environment tests the same versions (a development build of Flask comes from its wheel)."""
+    flask = importlib.metadata.distribution("flask")
+    werkzeug = f"werkzeug=={importlib.metadata.version('werkzeug')}"
+    if "dev" not in flask.version:
+        return [f"flask=={flask.version}", werkzeug]
+    # Installed from a wheel file (pip records where), or else one in shared/wheels.
+    url = urllib.parse.urlparse(json.loads(flask.read_text("direct_url.json") or "{}").get("url", ""))
+    wheels = [Path(urllib.request.url2pathname(url.path))] if url.scheme == "file" else []
+    wheels = [wheel for wheel in wheels if wheel.is_file()]
+    wheels += sorted(COMPAT_SHARED_WHEELS.glob(f"flask-{flask.version}-*.whl"))
+    assert wheels, f"no wheel of Flask {flask.version} (a development build) in {COMPAT_SHARED_WHEELS}"
+    return [werkzeug, str(wheels[0])]
+
+
+def compat_make_venv(folder):
+    compat_run(sys.executable, "-m", "venv", folder, cwd=folder.parent)
+    return folder / "bin" / "python"
+
+
+@pytest.fixture(scope="session")
+def compat_wheel(tmp_path_factory):
+    """A wheel of the module under test, built from a copy of the checkout (so that the build
+    leaves nothing in it) whose flask_executor.py is the module imported by this suite."""
+    base = tmp_path_factory.mktemp("compat_wheel")
+    source = base / "source"
+    shutil.copytree(
+        COMPAT_REPO,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".nox", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "wip"
+        ),
+    )
+    shutil.copy(COMPAT_MODULE, source / "flask_executor.py")
+    compat_run(sys.executable, "-m", "pip", "wheel", "--no-deps", source, "-w", base / "wheels", cwd=base)
+    (wheel,) = (base / "wheels").glob("flask_executor-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        assert "flask_executor.py" in archive.namelist()
+    return wheel
+
+
+@pytest.fixture
+def compat_app():
+    app = Flask(__name__)
+    app.config.update(SECRET_KEY="compat-test-secret", TESTING=True)
+    return app
+
+
+@pytest.fixture
+def compat_make_executor(compat_app):
+    """Factory: compat_make_executor(**config) -> Executor bound to compat_app, shut down after."""
+    created = []
+
+    def build(**config):
+        compat_app.config.update(config)
+        executor = Executor(compat_app)
+        created.append(executor)
+        return executor
+
+    yield build
+    for executor in created:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def compat_add(x, y):
+    return x + y
+
+
+def compat_apply(value, fn):
+    """A task whose own keyword argument is named ``fn``."""
+    return fn(value)
+
+
+def compat_run_command(cmd, timeout, key):
+    """Shaped like Flask-Shell2HTTP's RunnerParser.run_command, which it submits by keyword."""
+    return {"key": key, "report": " ".join(cmd), "timeout": timeout, "returncode": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Flask-Executor 1.0's import paths
+
+# Run in a fresh interpreter, where nothing has imported flask_executor yet. It prints the
+# file it imported flask_executor from, and fails (exit 1) on the first broken promise.
+COMPAT_IMPORTS_SCRIPT = """\
+import collections
+import concurrent.futures
+import importlib
+import sys
+import threading
+
+import flask_executor.futures
+
+# The plain statement binds the top-level name, and the submodule as its attribute.
+assert flask_executor.futures is sys.modules["flask_executor.futures"]
+
+from flask_executor.executor import (
+    Executor,
+    ExecutorJob,
+    FutureCollection,
+    FutureProxy,
+    InstanceProxy,
+    copy_current_request_context,
+    current_app,
+    g,
+    get_current_app_context,
+    propagate_exceptions_callback,
+    push_app_context,
+    str2bool,
+)
+from flask_executor.futures import (
+    Future,
+    FutureCollection as FuturesFutureCollection,
+    FutureProxy as FuturesFutureProxy,
+    InstanceProxy as FuturesInstanceProxy,
+    OrderedDict,
+)
+from flask_executor.helpers import PROXIED_OBJECT, InstanceProxy as HelpersInstanceProxy
+from flask_executor.helpers import str2bool as helpers_str2bool
+
+import flask
+import flask_executor
+
+for name in ("executor", "futures", "helpers"):
+    module = importlib.import_module("flask_executor." + name)
+    assert module is getattr(flask_executor, name), name
+
+assert Executor is flask_executor.Executor
+assert ExecutorJob is flask_executor.ExecutorJob
+assert FutureCollection is FuturesFutureCollection is flask_executor.FutureCollection
+assert FutureProxy is FuturesFutureProxy is flask_executor.TaskFuture
+assert InstanceProxy is FuturesInstanceProxy is HelpersInstanceProxy
+assert str2bool is helpers_str2bool
+assert propagate_exceptions_callback is flask_executor.propagate_exceptions_callback
+assert copy_current_request_context is flask.copy_current_request_context
+assert current_app is flask.current_app
+assert g is flask.g
+assert Future is concurrent.futures.Future
+assert OrderedDict is collections.OrderedDict
+assert PROXIED_OBJECT == "__proxied_object"
+
+# str2bool keeps 1.0's meaning: yes/true/t/1 in any case, anything else is false.
+for word in ("yes", "YES", "true", "True", "t", "T", "1", 1, True):
+    assert str2bool(word) is True, word
+for word in ("no", "false", "f", "0", "on", "off", "", "maybe", 0, False):
+    assert str2bool(word) is False, word
+
+# InstanceProxy reads the attributes of the object it wraps, which is its _self.
+wrapped_future = concurrent.futures.Future()
+assert InstanceProxy(wrapped_future).done() is False
+assert InstanceProxy(wrapped_future)._self is wrapped_future
+
+app = flask.Flask("compat_imports")
+executor = Executor(app)
+future = executor.submit(pow, 2, 10)
+assert isinstance(future, FutureProxy) and isinstance(future, Future)
+assert future.result(timeout=30) == 1024
+
+
+def report(number):
+    seen = (current_app.name, g.get("user"), number, get_current_app_context() is not None)
+    g.user = "changed-in-the-wrapped-call"
+    return seen
+
+
+# push_app_context: the function runs in an app context of the current app, with a copy of
+# g as it was when it was wrapped.
+assert get_current_app_context() is None
+with app.app_context():
+    assert get_current_app_context().app is app
+    g.user = "alice"
+    wrapped = push_app_context(report)
+    g.user = "changed-after-wrapping"
+outcomes = []
+thread = threading.Thread(target=lambda: outcomes.append(wrapped(7)))
+thread.start()
+thread.join(30)
+assert outcomes == [("compat_imports", "alice", 7, True)], outcomes
+assert get_current_app_context() is None
+
+executor.shutdown()
+print("IMPORTED FROM", flask_executor.__file__)
+"""
+
+
+@pytest.mark.timeout(900)
+def test_compat_1_0_import_paths_from_the_installed_wheel(compat_wheel, tmp_path):
+    python = compat_make_venv(tmp_path / "venv")
+    compat_run(python, "-m", "pip", "install", compat_wheel, *compat_flask_requirements(), cwd=tmp_path)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "check_imports.py").write_text(COMPAT_IMPORTS_SCRIPT)
+
+    done = compat_run(python, "check_imports.py", cwd=project, timeout=120)
+
+    imported_from = Path(done.stdout.split("IMPORTED FROM", 1)[1].strip())
+    assert imported_from.parent.name == "site-packages"
+    assert imported_from.is_relative_to(tmp_path / "venv")
+
+
+@pytest.mark.timeout(120)
+def test_compat_1_0_import_paths_from_the_module_copied_into_a_project(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(COMPAT_MODULE, project / "flask_executor.py")
+    (project / "check_imports.py").write_text(COMPAT_IMPORTS_SCRIPT)
+
+    # The script's folder comes first on sys.path, before the checkout's editable install.
+    done = compat_run(sys.executable, "check_imports.py", cwd=project, timeout=120)
+
+    assert Path(done.stdout.split("IMPORTED FROM", 1)[1].strip()) == project / "flask_executor.py"
+
+
+@pytest.mark.timeout(120)
+def test_compat_1_0_modules_are_bound_in_this_process():
+    import flask_executor.futures
+    import flask_executor.helpers
+
+    assert sys.modules["flask_executor.futures"] is flask_executor.futures
+    assert flask_executor.futures.FutureProxy is TaskFuture
+    assert flask_executor.futures.Future is concurrent.futures.Future
+    assert flask_executor.helpers.str2bool("t") is True
+    assert flask_executor.helpers.str2bool("on") is False
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Flask-Executor 1.0's keyword call forms, and strict types
+
+
+@pytest.mark.timeout(120)
+def test_compat_submit_stored_by_keyword_as_flask_shell2http_calls_it(compat_make_executor):
+    executor = compat_make_executor()
+
+    future = executor.submit_stored(
+        future_key="job-1", fn=compat_run_command, cmd=["echo", "hi"], timeout=5, key="job-1"
+    )
+
+    assert future.result(timeout=COMPAT_WAIT) == {
+        "key": "job-1",
+        "report": "echo hi",
+        "timeout": 5,
+        "returncode": 0,
+    }
+    assert executor.futures._futures.get("job-1") is future
+    assert executor.futures.pop("job-1") is future
+
+
+@pytest.mark.timeout(120)
+def test_compat_submit_and_job_submit_stored_take_their_leading_arguments_by_keyword(compat_make_executor):
+    executor = compat_make_executor()
+    add_job = executor.job(compat_add)
+
+    assert executor.submit(fn=compat_add, x=1, y=2).result(timeout=COMPAT_WAIT) == 3
+    assert executor.submit_stored("pos-key", fn=compat_add, x=2, y=2).result(timeout=COMPAT_WAIT) == 4
+    stored = add_job.submit_stored(future_key="job-key", x=3, y=4)
+    assert stored.result(timeout=COMPAT_WAIT) == 7
+    assert executor.futures.pop("job-key") is stored
+    assert "pos-key" in executor.futures
+
+
+@pytest.mark.timeout(120)
+def test_compat_missing_fn_or_future_key_gives_a_type_error_naming_it(compat_make_executor):
+    executor = compat_make_executor()
+    add_job = executor.job(compat_add)
+
+    with pytest.raises(TypeError, match="'fn'"):
+        executor.submit()
+    with pytest.raises(TypeError, match="'fn'"):
+        executor.submit(x=1, y=2)
+    with pytest.raises(TypeError, match="'fn'"):
+        executor.submit_stored(future_key="never-stored", x=1, y=2)
+    with pytest.raises(TypeError, match="'future_key'"):
+        executor.submit_stored(fn=compat_add, x=1, y=2)
+    with pytest.raises(TypeError, match="'future_key'"):
+        add_job.submit_stored(x=1, y=2)
+    assert len(executor.futures) == 0
+
+
+@pytest.mark.timeout(120)
+def test_compat_task_keyword_named_fn_reaches_the_task_when_fn_is_positional(compat_make_executor):
+    executor = compat_make_executor()
+    apply_job = executor.job(compat_apply)
+
+    futures = [
+        executor.submit(compat_apply, "abc", fn=str.upper),
+        executor.submit_stored("stored", compat_apply, "def", fn=str.upper),
+        apply_job.submit("ghi", fn=str.upper),
+        apply_job.submit_stored("job-stored", "jkl", fn=str.upper),
+        executor.submit(compat_apply, value="mno", fn=str.upper),
+    ]
+
+    assert [f.result(timeout=COMPAT_WAIT) for f in futures] == ["ABC", "DEF", "GHI", "JKL", "MNO"]
+    assert list(executor.map(compat_apply, ["x", "y"], [str.upper, str.title])) == ["X", "Y"]
+
+
+COMPAT_TYPED_USER_CODE = """\
+from collections.abc import Callable
+
+from flask import Flask
+
+from flask_executor import Executor, TaskFuture
+
+app = Flask(__name__)
+executor = Executor(app)
+
+
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+def apply(value: str, fn: Callable[[str], str]) -> str:
+    return fn(value)
+
+
+@executor.job
+def double(x: int) -> int:
+    return 2 * x
+
+
+positional: TaskFuture[int] = executor.submit(add, 1, 2)
+mixed: TaskFuture[int] = executor.submit(add, 1, y=2)
+stored: TaskFuture[int] = executor.submit_stored("sum", add, 1, y=2)
+own_fn: TaskFuture[str] = executor.submit(apply, "abc", fn=str.upper)
+own_fn_stored: TaskFuture[str] = executor.submit_stored("upper", apply, "abc", fn=str.upper)
+job_stored: TaskFuture[int] = double.submit_stored("double", 2)
+# A job has no fn argument, so 1.0's keyword form is still checked against the job.
+job_by_keyword: TaskFuture[int] = double.submit_stored(future_key="double-kw", x=2)
+"""
+
+# Each call below runs (1.0's call forms), and mypy must still reject it: new code is checked
+# against the function it submits, which it cannot be when that function is a keyword.
+COMPAT_TYPED_USER_MISTAKES = """\
+from flask import Flask
+
+from flask_executor import Executor
+
+app = Flask(__name__)
+executor = Executor(app)
+
+
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@executor.job
+def double(x: int) -> int:
+    return 2 * x
+
+
+executor.submit(fn=add, x=1, y=2)  # error expected
+executor.submit_stored(future_key="sum", fn=add, x=1, y=2)  # error expected
+executor.submit_stored("sum", fn=add, x=1, y=2)  # error expected
+executor.submit(add, 1, "two")  # error expected
+double.submit_stored(future_key="double", x="two")  # error expected
+"""
+
+
+def compat_mypy_errors(folder, filename):
+    """The lines of ``filename`` on which ``mypy --strict`` reports an error, with mypy's output."""
+    done = compat_run(
+        sys.executable,
+        "-m",
+        "mypy",
+        "--strict",
+        # flask_executor.py is checked by the project's own mypy session; here only the user's file.
+        "--follow-imports=silent",
+        "--no-incremental",
+        "--cache-dir",
+        folder / ".mypy_cache",
+        "--show-error-codes",
+        "--no-error-summary",
+        "--no-color-output",
+        filename,
+        cwd=folder,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    lines = {int(match[1]) for match in re.finditer(rf"^{re.escape(filename)}:(\d+): error:", output, re.M)}
+    return lines, output
+
+
+@pytest.mark.timeout(600)
+def test_compat_typed_signatures_reject_fn_by_keyword_and_accept_positional_calls(tmp_path):
+    if importlib.util.find_spec("mypy") is None:
+        pytest.skip("mypy is not installed here (the mypy session checks typing)")
+    # A user folder holding the module as a vendored copy, so that mypy reads its types.
+    shutil.copy(COMPAT_MODULE, tmp_path / "flask_executor.py")
+    (tmp_path / "user_code.py").write_text(COMPAT_TYPED_USER_CODE)
+    (tmp_path / "user_mistakes.py").write_text(COMPAT_TYPED_USER_MISTAKES)
+
+    good_lines, good_output = compat_mypy_errors(tmp_path, "user_code.py")
+    bad_lines, bad_output = compat_mypy_errors(tmp_path, "user_mistakes.py")
+
+    assert good_lines == set(), good_output
+    expected = {
+        number
+        for number, line in enumerate(COMPAT_TYPED_USER_MISTAKES.splitlines(), start=1)
+        if line.endswith("# error expected")
+    }
+    assert bad_lines == expected, bad_output
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Executor(current_app), built in a view or in an app context
+
+
+@pytest.mark.timeout(120)
+def test_compat_executor_of_current_app_built_in_a_view_runs_tasks(compat_app):
+    built = []
+    ran = []
+    all_ran = threading.Event()
+
+    def move_items(items):
+        ran.append((current_app._get_current_object() is compat_app, request.path, items))
+        if len(ran) == 2:
+            all_ran.set()
+
+    @compat_app.post("/move/<int:count>")
+    def move_view(count):
+        # As mediasort's view does: a new executor for each request, fire and forget.
+        executor = Executor(current_app)
+        built.append(executor)
+        executor.submit(move_items, list(range(count)))
+        return jsonify(registered=current_app.extensions["executor"] is executor)
+
+    try:
+        client = compat_app.test_client()
+        first = client.post("/move/2")
+        second = client.post("/move/3")
+        assert all_ran.wait(COMPAT_WAIT)
+    finally:
+        for executor in built:
+            executor.shutdown(wait=True)
+
+    assert first.status_code == second.status_code == 200
+    assert first.get_json() == second.get_json() == {"registered": True}
+    assert sorted(ran) == [(True, "/move/2", [0, 1]), (True, "/move/3", [0, 1, 2])]
+    assert compat_app.extensions["executor"] is built[-1]
+
+
+@pytest.mark.timeout(120)
+def test_compat_executor_of_current_app_built_in_an_app_context_works_outside_it(compat_app):
+    compat_app.config["MARKER"] = "built-in-app-context"
+    with compat_app.app_context():
+        executor = Executor(current_app)
+        inside = executor.submit(lambda: current_app.config["MARKER"])
+        assert inside.result(timeout=COMPAT_WAIT) == "built-in-app-context"
+    try:
+        # Bound to the app itself, not to the proxy, which points nowhere out here.
+        outside = executor.submit(lambda: current_app._get_current_object())
+        assert outside.result(timeout=COMPAT_WAIT) is compat_app
+        assert compat_app.extensions["executor"] is executor
+    finally:
+        executor.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. futures._state(key) and futures.running(key) for a process pool
+
+
+def compat_block_until_released(started_path, release_path, value):
+    """Runs in a worker process: says it started, then waits (bounded) for the release file."""
+    Path(started_path).write_text("started")
+    deadline = time.monotonic() + COMPAT_WAIT
+    while not os.path.exists(release_path):
+        if time.monotonic() > deadline:
+            raise TimeoutError("never released")
+        time.sleep(0.01)
+    return value
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings(COMPAT_FORK_WARNING)
+def test_compat_state_and_running_agree_for_process_pool_tasks(compat_make_executor, tmp_path):
+    executor = compat_make_executor(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1)
+    release = tmp_path / "release"
+    keys = [f"task-{index}" for index in range(5)]
+    for index, key in enumerate(keys):
+        executor.submit_stored(key, compat_block_until_released, tmp_path / key, release, index)
+    futures = executor.futures
+    try:
+        assert compat_wait_for(lambda: (tmp_path / keys[0]).exists())
+
+        # The first task is running in the only worker, as 1.0 said; the last one waits behind
+        # the worker and the call queue, so it is pending and not running.
+        assert futures._state(keys[0]) == "RUNNING"
+        assert futures.running(keys[0]) is True
+        assert futures._state(keys[-1]) == "PENDING"
+        assert futures.running(keys[-1]) is False
+        for key in keys:
+            assert futures.running(key) == (futures._state(key) == "RUNNING"), key
+        assert not (tmp_path / keys[-1]).exists()
+    finally:
+        release.write_text("go")
+
+    assert [futures.result(key, timeout=COMPAT_WAIT) for key in keys] == [0, 1, 2, 3, 4]
+    for key in keys:
+        assert futures._state(key) == "FINISHED"
+        assert futures.running(key) is False
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. A real dependent: Flask-Shell2HTTP 1.9.1 from PyPI
+
+COMPAT_SHELL2HTTP_APP = '''\
+"""Flask-Shell2HTTP's documented flow, driven with the test client; prints what it saw.
+The argument, if any, is a shared store for the stored futures (as gunicorn workers need)."""
+import json
+import sys
+import time
+
+from flask import Flask, current_app, has_app_context
+from flask_executor import Executor
+from flask_shell2http import Shell2HTTP
+
+app = Flask("shell2http_app")
+app.config["TESTING"] = True
+if len(sys.argv) > 1:
+    app.config.update(SECRET_KEY="shell2http-secret", EXECUTOR_FUTURES_STORE=sys.argv[1])
+executor = Executor(app)
+shell2http = Shell2HTTP(app, executor, base_url_prefix="/cmd/")
+callbacks = []
+
+
+def my_callback_fn(context, future):
+    callbacks.append(
+        {
+            "context": context,
+            "in_app_context": has_app_context(),
+            "app": current_app.name if has_app_context() else None,
+            "returncode": future.result()["returncode"],
+        }
+    )
+
+
+shell2http.register_command(endpoint="echo", command_name="echo", callback_fn=my_callback_fn)
+shell2http.register_command(endpoint="sleep", command_name="sleep", callback_fn=my_callback_fn)
+
+client = app.test_client()
+seen = {}
+
+
+def record(step, response):
+    seen[step] = {"status": response.status_code, "json": response.get_json(silent=True)}
+    return seen[step]["json"]
+
+
+echo = {"args": ["hello", "world"], "callback_context": {"job": "echo"}}
+key = record("echo_post", client.post("/cmd/echo", json=echo))["key"]
+record("echo_report", client.get("/cmd/echo", query_string={"key": key, "wait": "true"}))
+record("echo_report_again", client.get("/cmd/echo", query_string={"key": key, "wait": "true"}))
+record("echo_post_again", client.post("/cmd/echo", json=echo))
+record("echo_report_third", client.get("/cmd/echo", query_string={"key": key, "wait": "true"}))
+
+sleeper = {"args": ["5"], "callback_context": {"job": "sleep"}}
+key = record("sleep_post", client.post("/cmd/sleep", json=sleeper))["key"]
+record("sleep_report_nowait", client.get("/cmd/sleep", query_string={"key": key, "wait": "false"}))
+record("sleep_post_duplicate", client.post("/cmd/sleep", json=sleeper))
+record("sleep_report_wait", client.get("/cmd/sleep", query_string={"key": key, "wait": "true"}))
+
+doomed = {"args": ["4"], "callback_context": {"job": "deleted"}}
+key = record("doomed_post", client.post("/cmd/sleep", json=doomed))["key"]
+deadline = time.monotonic() + 30  # DELETE it once it runs (a waiting one would be cancelled)
+while not executor.futures.running(key) and time.monotonic() < deadline:
+    time.sleep(0.01)
+seen["doomed_running"] = executor.futures.running(key)
+record("doomed_delete", client.delete("/cmd/sleep", query_string={"key": key}))
+record("doomed_report", client.get("/cmd/sleep", query_string={"key": key, "wait": "true"}))
+
+deadline = time.monotonic() + 30
+while len(callbacks) < 4 and time.monotonic() < deadline:
+    time.sleep(0.05)
+seen["callbacks"] = sorted(callbacks, key=lambda c: c["context"]["job"])
+print("SEEN " + json.dumps(seen))
+'''
+
+# What pip says when it cannot reach the index.
+COMPAT_OFFLINE_SIGNS = (
+    "NewConnectionError",
+    "Failed to establish a new connection",
+    "Temporary failure in name resolution",
+    "Name or service not known",
+    "Network is unreachable",
+    "ProxyError",
+    "No matching distribution found for flask-shell2http",
+)
+
+
+@pytest.fixture(scope="session")
+def compat_shell2http_python(compat_wheel, tmp_path_factory):
+    """A fresh environment with Flask, this module's wheel and Flask-Shell2HTTP from PyPI."""
+    tmp_path = tmp_path_factory.mktemp("compat_shell2http")
+    python = compat_make_venv(tmp_path / "venv")
+    pip = (python, "-m", "pip", "install")
+    compat_run(*pip, compat_wheel, *compat_flask_requirements(), "blinker", cwd=tmp_path)
+    done = compat_run(*pip, "--no-deps", COMPAT_SHELL2HTTP, cwd=tmp_path, check=False)
+    if done.returncode != 0:
+        output = done.stdout + done.stderr
+        if any(sign in output for sign in COMPAT_OFFLINE_SIGNS):
+            reason = f"PyPI cannot be reached to install {COMPAT_SHELL2HTTP}: {output.strip()[-300:]}"
+            print(reason)
+            pytest.skip(reason)
+        pytest.fail(f"installing {COMPAT_SHELL2HTTP} failed:\n{output}")
+    return python
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("store", ["memory", "sqlite"])
+def test_compat_flask_shell2http_documented_flow(compat_shell2http_python, tmp_path, store):
+    (tmp_path / "shell2http_app.py").write_text(COMPAT_SHELL2HTTP_APP)
+    app_command = ["shell2http_app.py", *([tmp_path / "futures.sqlite"] if store == "sqlite" else [])]
+
+    done = compat_run(compat_shell2http_python, *app_command, cwd=tmp_path, timeout=120)
+
+    seen = json.loads(done.stdout.split("SEEN ", 1)[1])
+    posted = seen["echo_post"]
+    assert posted["status"] == 202, seen
+    key = posted["json"]["key"]
+    assert posted["json"] == {
+        "status": "running",
+        "key": key,
+        "result_url": f"http://localhost/cmd/echo?key={key}&wait=false",
+    }
+    report = seen["echo_report"]
+    assert report["status"] == 200, seen
+    assert report["json"]["key"] == key
+    assert report["json"]["report"] == "hello world\n"
+    assert report["json"]["returncode"] == 0
+    assert report["json"]["error"] == ""
+    # GET popped the future: the key is gone, and usable again.
+    assert seen["echo_report_again"]["status"] == 404, seen
+    assert seen["echo_post_again"]["status"] == 202, seen
+    assert seen["echo_post_again"]["json"]["key"] == key
+    assert seen["echo_report_third"]["status"] == 200, seen
+    assert seen["echo_report_third"]["json"]["report"] == "hello world\n"
+
+    sleep_key = seen["sleep_post"]["json"]["key"]
+    assert seen["sleep_post"]["status"] == 202, seen
+    assert seen["sleep_report_nowait"] == {
+        "status": 200,
+        "json": {
+            "status": "running",
+            "key": sleep_key,
+            "result_url": f"http://localhost/cmd/sleep?key={sleep_key}&wait=false",
+        },
+    }
+    duplicate = seen["sleep_post_duplicate"]
+    assert duplicate["status"] == 400, seen
+    assert duplicate["json"]["key"] == sleep_key
+    assert duplicate["json"]["result_url"] == f"http://localhost/cmd/sleep?key={sleep_key}&wait=false"
+    assert sleep_key in duplicate["json"]["error"]
+    assert seen["sleep_report_wait"]["status"] == 200, seen
+    assert seen["sleep_report_wait"]["json"]["returncode"] == 0
+
+    assert seen["doomed_post"]["status"] == 202, seen
+    assert seen["doomed_running"] is True
+    assert seen["doomed_delete"]["status"] == 204, seen
+    assert seen["doomed_report"]["status"] == 404, seen
+
+    # The user's callback ran for every job (the deleted one too: it was already running),
+    # with its callback_context, inside the app context.
+    assert seen["callbacks"] == [
+        {"context": {"job": job}, "in_app_context": True, "app": "shell2http_app", "returncode": 0}
+        for job in ["deleted", "echo", "echo", "sleep"]
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The request body, read by a view and its tasks at once
+
+
+class CompatSlowInput:
+    """A WSGI input stream that hands out its body a small chunk at a time, pausing before
+    each, like a slow client's socket: parsing the body takes long enough that readers in
+    several threads would overlap, if nothing kept them apart."""
+
+    def __init__(self, data, chunk=512, pause=0.001):
+        self._data = io.BytesIO(data)
+        self._chunk = chunk
+        self._pause = pause
+
+    def read(self, size=-1):
+        time.sleep(self._pause)
+        if size is None or size < 0:
+            return self._data.read()
+        return self._data.read(min(size, self._chunk))
+
+    def readline(self, size=-1):
+        time.sleep(self._pause)
+        return self._data.readline(size)
+
+
+def compat_slow_environ(path, *, chunk=512, trailing=b"", **builder_options):
+    """A POST to path as a client would send it, its body served by a CompatSlowInput;
+    ``trailing`` is what follows the body on the connection (the next request's body)."""
+    builder = EnvironBuilder(path=path, method="POST", **builder_options)
+    try:
+        environ = builder.get_environ()
+    finally:
+        builder.close()
+    body = environ["wsgi.input"].read()
+    environ["wsgi.input"] = CompatSlowInput(body + trailing, chunk)
+    return environ, body
+
+
+def compat_call_wsgi(app, environ):
+    """Runs one request through the app's WSGI interface; returns (status code, body)."""
+    app_iter, status, _headers = run_wsgi_app(app, environ, buffered=True)
+    return int(status.split()[0]), b"".join(app_iter)
+
+
+def compat_sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def compat_is_in_memory(stream):
+    """Whether an uploaded file's stream holds its content in memory rather than a temporary
+    file. (Werkzeug spools an upload to a SpooledTemporaryFile, which moves to disk past 500 KB.)"""
+    if isinstance(stream, io.BytesIO):
+        return True
+    if isinstance(stream, tempfile.SpooledTemporaryFile):
+        return not stream._rolled
+    return False
+
+
+def compat_read_body(kind, part=None):
+    """What a reader of the request body sees: the view and its tasks call this."""
+    if kind == "form":
+        return request.form.to_dict()
+    if kind == "files":
+        upload = request.files[part]
+        return [upload.filename, compat_sha256(upload.read()), request.form["title"]]
+    if kind == "json":
+        return request.get_json()
+    if kind == "data":
+        return compat_sha256(request.get_data())
+    raise AssertionError(kind)
+
+
+def compat_outcome(future):
+    error = future.exception(timeout=COMPAT_WAIT)
+    return {"error": repr(error)} if error is not None else {"value": future.result()}
+
+
+COMPAT_READERS = 6
+COMPAT_FORM = {f"field{index}": f"{index}-" + "x" * 4000 for index in range(8)}
+COMPAT_UPLOADS = {
+    f"doc{index}": bytes([65 + index]) * 6000 + os.urandom(2000) for index in range(COMPAT_READERS)
+}
+COMPAT_UPLOADS["doc_view"] = os.urandom(8000)
+
+
+def compat_body_request(kind):
+    """(builder options, what every reader must see: the view, and task number i)."""
+    if kind == "form":
+        return {"data": COMPAT_FORM}, lambda index: COMPAT_FORM
+    if kind == "files":
+        data = {name: (io.BytesIO(content), f"{name}.bin") for name, content in COMPAT_UPLOADS.items()}
+        data["title"] = "uploads"
+
+        def expected(index):
+            name = "doc_view" if index is None else f"doc{index}"
+            return [f"{name}.bin", compat_sha256(COMPAT_UPLOADS[name]), "uploads"]
+
+        return {"data": data}, expected
+    document = {"items": list(range(3000)), "title": "é" * 2000}
+    if kind == "json":
+        return {"json": document}, lambda index: document
+    raw = json.dumps(document).encode() * 3
+    return {"data": raw, "content_type": "application/octet-stream"}, lambda index: compat_sha256(raw)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["form", "files", "json", "data"])
+def test_compat_view_and_its_tasks_read_a_slow_body_at_once_and_all_see_it_whole(
+    compat_make_executor, compat_app, kind
+):
+    executor = compat_make_executor(EXECUTOR_MAX_WORKERS=COMPAT_READERS + 2)
+
+    @compat_app.post("/body")
+    def body_view():
+        # The tasks start reading at once, and the view reads too, before any of them is done.
+        futures = [executor.submit(compat_read_body, kind, f"doc{index}") for index in range(COMPAT_READERS)]
+        view_saw = compat_read_body(kind, "doc_view")
+        return jsonify(view=view_saw, tasks=[compat_outcome(f) for f in futures])
+
+    for _attempt in range(3):  # a few requests, so that an unguarded race shows
+        options, expected = compat_body_request(kind)
+        environ, _body = compat_slow_environ("/body", **options)
+        status, body = compat_call_wsgi(compat_app, environ)
+        assert status == 200, body[-2000:]
+        seen = json.loads(body)
+        assert seen["view"] == expected(None)
+        assert seen["tasks"] == [{"value": expected(index)} for index in range(COMPAT_READERS)]
+
+
+def compat_spooled_upload(name):
+    upload = request.files[name]
+    in_memory = compat_is_in_memory(upload.stream)
+    digest = compat_sha256(upload.read())
+    upload.seek(0)  # leave it as found, for the view
+    return [in_memory, digest]
+
+
+@pytest.mark.timeout(120)
+def test_compat_large_upload_is_spooled_to_disk_for_the_view_and_its_tasks(compat_make_executor, compat_app):
+    executor = compat_make_executor(EXECUTOR_MAX_WORKERS=4)
+    big = os.urandom(3 * 1024 * 1024)
+
+    @compat_app.post("/upload")
+    def upload_view():
+        title = executor.submit(lambda: request.form["title"])
+        spooled = executor.submit(compat_spooled_upload, "big")
+        view_title = request.form["title"]  # while the tasks read the same body
+        task_saw = spooled.result(timeout=COMPAT_WAIT)
+        upload = request.files["big"]
+        return jsonify(
+            titles=[view_title, title.result(timeout=COMPAT_WAIT)],
+            task=task_saw,
+            view=[compat_is_in_memory(upload.stream), compat_sha256(upload.read())],
+        )
+
+    environ, _body = compat_slow_environ(
+        "/upload", chunk=64 * 1024, data={"title": "big one", "big": (io.BytesIO(big), "big.bin")}
+    )
+    status, body = compat_call_wsgi(compat_app, environ)
+
+    assert status == 200, body[-2000:]
+    seen = json.loads(body)
+    assert seen["titles"] == ["big one", "big one"]
+    # Neither the task nor the view got the upload loaded into memory.
+    assert seen["task"] == [False, compat_sha256(big)]
+    assert seen["view"] == [False, compat_sha256(big)]
+
+
+# Each case: builder options, what comes next on the connection (another request's body, of
+# the same length), and what a reader would see of this request.
+COMPAT_LATE_READS = {
+    "form": ({"data": {"title": "mine-0000"}}, b"title=them-1111", {"title": "mine-0000"}),
+    "files": ({"data": {"title": "mine-0000"}}, b"title=them-1111", None),
+    "json": ({"json": {"title": "mine-0000"}}, b'{"title": "them-1111"}', {"title": "mine-0000"}),
+    "data": (
+        {"data": b"mine-0000", "content_type": "application/octet-stream"},
+        b"them-1111",
+        compat_sha256(b"mine-0000"),
+    ),
+}
+
+
+def compat_read_late(kind):
+    if kind == "files":
+        return request.files.to_dict()
+    return compat_read_body(kind)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", sorted(COMPAT_LATE_READS))
+def test_compat_task_reading_an_unread_body_after_the_view_returned_gets_a_runtime_error(
+    compat_make_executor, compat_app, kind
+):
+    executor = compat_make_executor()
+    release = threading.Event()
+    submitted = []
+
+    def read_later():
+        assert release.wait(COMPAT_WAIT)
+        return compat_read_late(kind)
+
+    @compat_app.post("/later")
+    def later_view():
+        submitted.append(executor.submit(read_later))
+        return "accepted"  # without reading the body
+
+    options, next_body, _mine = COMPAT_LATE_READS[kind]
+    environ, body = compat_slow_environ("/later", trailing=next_body, **options)
+    status, _response = compat_call_wsgi(compat_app, environ)
+    assert status == 200
+    # As a keep-alive server does once the response is sent: it discards the unread body, and
+    # the connection's stream moves on to the next request.
+    assert environ["wsgi.input"].read(len(body)) == body
+    release.set()
+
+    (future,) = submitted
+    error = future.exception(timeout=COMPAT_WAIT)
+    assert isinstance(error, RuntimeError), compat_outcome(future)
+    assert "not read before the view returned" in str(error)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["form", "json", "data"])
+def test_compat_task_reading_the_body_after_the_view_returned_sees_what_the_view_read(
+    compat_make_executor, compat_app, kind
+):
+    executor = compat_make_executor()
+    release = threading.Event()
+    submitted = []
+
+    def read_later():
+        assert release.wait(COMPAT_WAIT)
+        return compat_read_late(kind)
+
+    @compat_app.post("/later")
+    def later_view():
+        submitted.append(executor.submit(read_later))
+        return jsonify(compat_read_body(kind))
+
+    options, next_body, mine = COMPAT_LATE_READS[kind]
+    environ, body = compat_slow_environ("/later", trailing=next_body, **options)
+    status, response = compat_call_wsgi(compat_app, environ)
+    assert status == 200
+    assert json.loads(response) == mine
+    release.set()
+
+    (future,) = submitted
+    assert future.result(timeout=COMPAT_WAIT) == mine
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Uploaded files stay open for the view (Flask 2.2 to 3.2)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("size", [1000, 2 * 1024 * 1024], ids=["in-memory", "spooled"])
+def test_compat_task_saving_an_upload_leaves_it_open_for_the_view(
+    compat_make_executor, compat_app, tmp_path, size
+):
+    executor = compat_make_executor()
+    content = os.urandom(size)
+    saved = tmp_path / "saved.bin"
+    task_context_torn_down = threading.Event()
+
+    @compat_app.teardown_request
+    def note_task_teardown(exc):
+        # While the view below waits, only the task's context can be torn down.
+        task_context_torn_down.set()
+
+    @compat_app.post("/upload")
+    def upload_view():
+        executor.submit(lambda: request.files["document"].save(saved)).result(timeout=COMPAT_WAIT)
+        assert task_context_torn_down.wait(COMPAT_WAIT)
+        upload = request.files["document"]
+        closed = upload.stream.closed
+        upload.seek(0)
+        return jsonify(closed=closed, digest=compat_sha256(upload.read()))
+
+    response = compat_app.test_client().post(
+        "/upload", data={"document": (io.BytesIO(content), "document.bin")}
+    )
+
+    assert response.status_code == 200, response.get_data(as_text=True)[-2000:]
+    assert response.get_json() == {"closed": False, "digest": compat_sha256(content)}
+    assert saved.read_bytes() == content
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Routing and teardown in a task's context (Flask 3.2 merges the request context into the
+# app context; these hold on every Flask version)
+
+
+@pytest.mark.timeout(120)
+def test_compat_task_context_does_not_rematch_the_url_under_the_view(compat_make_executor, compat_app):
+    executor = compat_make_executor(EXECUTOR_MAX_WORKERS=4)
+
+    @compat_app.url_value_preprocessor
+    def pull_lang(endpoint, values):
+        g.lang = values.pop("lang", None) if values else None
+
+    def read_routing():
+        return [dict(request.view_args), request.url_rule.rule, request.endpoint, g.lang]
+
+    @compat_app.get("/<lang>/items/<int:item_id>")
+    def item_view(item_id):
+        view_args = request.view_args
+        before = dict(view_args)
+        futures = [executor.submit(read_routing) for _ in range(8)]
+        while not all(f.done() for f in futures):
+            # The view keeps using its request while the tasks run.
+            assert request.view_args is view_args
+            assert request.view_args == before
+            time.sleep(0.001)
+        return jsonify(
+            before=before,
+            after=request.view_args,
+            same_object=request.view_args is view_args,
+            tasks=[f.result(timeout=COMPAT_WAIT) for f in futures],
+            lang=g.lang,
+        )
+
+    response = compat_app.test_client().get("/fr/items/7")
+
+    assert response.status_code == 200, response.get_data(as_text=True)[-2000:]
+    seen = response.get_json()
+    assert seen["before"] == seen["after"] == {"item_id": 7}
+    assert seen["same_object"] is True
+    assert seen["lang"] == "fr"
+    assert seen["tasks"] == [[{"item_id": 7}, "/<lang>/items/<int:item_id>", "item_view", "fr"]] * 8
+
+
+@pytest.mark.timeout(120)
+def test_compat_teardown_functions_run_after_each_task_of_a_request(compat_make_executor, compat_app):
+    executor = compat_make_executor(EXECUTOR_MAX_WORKERS=3)
+    task_count = 9
+    teardowns = collections.Counter()
+    lock = threading.Lock()
+
+    @compat_app.teardown_request
+    def count_request_teardown(exc):
+        with lock:
+            teardowns["request", threading.get_ident()] += 1
+
+    @compat_app.teardown_appcontext
+    def count_appcontext_teardown(exc):
+        with lock:
+            teardowns["appcontext", threading.get_ident()] += 1
+
+    def task_thread():
+        return threading.get_ident()
+
+    @compat_app.get("/fan-out")
+    def fan_out_view():
+        futures = [executor.submit(task_thread) for _ in range(task_count)]
+        threads = [f.result(timeout=COMPAT_WAIT) for f in futures]
+
+        def counted(kind):
+            with lock:
+                return sum(n for (k, thread), n in teardowns.items() if k == kind and thread in threads)
+
+        assert compat_wait_for(lambda: counted("request") == counted("appcontext") == task_count)
+        time.sleep(0.05)
+        view_thread = threading.get_ident()
+        with lock:
+            view_teardowns = sum(n for (_kind, thread), n in teardowns.items() if thread == view_thread)
+        return jsonify(request=counted("request"), appcontext=counted("appcontext"), view=view_teardowns)
+
+    response = compat_app.test_client().get("/fan-out")
+
+    assert response.status_code == 200, response.get_data(as_text=True)[-2000:]
+    # Once per task, in the task's thread; none yet for the view, whose request is still live.
+    assert response.get_json() == {"request": task_count, "appcontext": task_count, "view": 0}

@@ -6,7 +6,7 @@ check_types.py). ``assert_type`` makes mypy check exact types without reveal_typ
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
@@ -39,6 +39,10 @@ async def fetch(url: str) -> bytes:
     return url.encode()
 
 
+def apply(value: str, fn: Callable[[str], str]) -> str:
+    return fn(value)
+
+
 def on_done(future: Future[Any]) -> None:
     print(future.done())
 
@@ -50,6 +54,9 @@ task_future: TaskFuture[int] = executor.submit(add, 1, y=2)
 assert_type(task_future.result(timeout=1.5), int)
 assert_type(task_future.progress, Progress | None)
 stored: Future[int] = executor.submit_stored("sum", add, 1, 2)
+# The task's own keyword argument may be named fn: the submitted function is positional.
+assert_type(executor.submit(apply, "abc", fn=str.upper).result(), str)
+assert_type(executor.submit_stored("upper", apply, "abc", fn=str.upper).result(), str)
 
 # A coroutine function's future holds the awaited value.
 assert_type(executor.submit(fetch, "https://example.invalid").result(), bytes)
@@ -75,6 +82,7 @@ assert_type(double(3), str)
 assert_type(double.submit(3).result(), str)
 assert_type(double.submit(x=3).result(), str)
 assert_type(double.submit_stored("double-3", 3).result(), str)
+assert_type(double.submit_stored(future_key="double-4", x=4).result(), str)  # as 1.0 took it
 doubled: Iterator[str] = double.map([1, 2], timeout=10)
 assert_type(next(double.map([1, 2])), str)
 name: str = double.__name__

@@ -35,10 +35,15 @@ executor.submit_stored("sum", add, 1, "two")  # E: arg-type|call-overload
 text: str = executor.submit(add, 1, 2).result()  # E: assignment
 awaited: str = executor.submit(fetch, "url").result()  # E: assignment
 sums: Iterator[str] = executor.map(add, [1], [2])  # E: assignment|arg-type
+# 1.0's keyword forms run, but cannot be checked against the function: types reject them.
+executor.submit(fn=add, x=1, y=2)  # E: call-overload
+executor.submit_stored(future_key="sum", fn=add, x=1, y=2)  # E: call-overload
+executor.submit_stored("sum", fn=add, x=1, y=2)  # E: call-overload
 
 double.submit("wrong")  # E: arg-type
 double("wrong")  # E: arg-type
 double.submit(1, 2)  # E: call-arg
+double.submit_stored(future_key="double", x="two")  # E: arg-type
 number: int = double(3)  # E: assignment
 also_number: int = double.submit(3).result()  # E: assignment
 
