@@ -52,6 +52,7 @@ setup(
             "aiosmtpd>=1.4",
             "docutils>=0.20",
             "pyperf>=2.6",
+            "APScheduler>=3.10,<4",
         ],
     },
     classifiers=[

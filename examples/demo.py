@@ -7,6 +7,13 @@ repository root)::
 
 and open http://127.0.0.1:5000/ (set ``PORT`` to use another port).
 
+Under gunicorn with several worker processes, which share stored futures through a SQLite
+store (``instance/futures.db``), so that any worker shows the tasks of all of them::
+
+    gunicorn -w 2 -b 127.0.0.1:8000 --chdir examples "demo:create_worker_app()"
+
+(see create_worker_app() for what changes there).
+
 Scenarios:
 
 * ``/signup``  - store a user with Flask-SQLAlchemy, send a confirmation mail in
@@ -20,14 +27,19 @@ Scenarios:
 Environment variables: ``PORT`` (5000), ``HOST`` (127.0.0.1), ``DATABASE_URL``
 (``sqlite:///demo.db`` in the instance folder), ``MAIL_SERVER``/``MAIL_PORT``
 (when unset the demo starts its own SMTP sink with aiosmtpd on a free port),
-``MAIL_SENDER``; any Flask or Flask-Executor setting with a ``FLASK_`` prefix
+``MAIL_SENDER``, ``DEMO_FUTURES_STORE`` (a SQLite file that the three executors share
+stored futures through, across processes; ``instance/futures.db`` under gunicorn),
+``DEMO_MAIL_LOG`` (where the SMTP sinks of gunicorn's workers write what they receive,
+``instance/mails.jsonl``); any Flask or Flask-Executor setting with a ``FLASK_`` prefix
 (``FLASK_LONG_EXECUTOR_MAX_WORKERS=4``, ``FLASK_CPU_EXECUTOR_MP_CONTEXT=spawn``).
 """
 
+import atexit
 import csv
 import email
 import email.policy
 import io
+import json
 import os
 import re
 import signal
@@ -59,7 +71,7 @@ from flask import (
     url_for,
 )
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from werkzeug.exceptions import BadRequest, HTTPException
 
 from flask_executor import Executor, report_progress
@@ -108,11 +120,14 @@ def free_port(host="127.0.0.1"):
 
 
 class MailSink:
-    """An aiosmtpd handler that keeps the received messages in memory."""
+    """An aiosmtpd handler that keeps the received messages in memory or, given ``log_path``,
+    appends them to that file (one JSON object a line), where the sinks of several processes
+    can write and any process read them."""
 
-    def __init__(self):
+    def __init__(self, log_path=None):
         self.messages = []
         self.lock = threading.Lock()
+        self.log_path = log_path
 
     async def handle_DATA(self, server, session, envelope):
         raw = envelope.original_content or envelope.content
@@ -120,28 +135,43 @@ class MailSink:
             raw = raw.encode("utf-8")
         msg = email.message_from_bytes(raw, policy=email.policy.default)
         body = msg.get_body(preferencelist=("plain",))
-        with self.lock:
-            self.messages.append(
-                {
-                    "mail_from": envelope.mail_from,
-                    "to": list(envelope.rcpt_tos),
-                    "subject": str(msg["Subject"] or ""),
-                    "body": body.get_content() if body is not None else "",
-                    "received": utcnow().isoformat(timespec="seconds"),
-                }
-            )
+        mail = {
+            "mail_from": envelope.mail_from,
+            "to": list(envelope.rcpt_tos),
+            "subject": str(msg["Subject"] or ""),
+            "body": body.get_content() if body is not None else "",
+            "received": utcnow().isoformat(timespec="seconds"),
+        }
+        if self.log_path is None:
+            with self.lock:
+                self.messages.append(mail)
+        else:
+            # One write of one line to a file opened for appending: the lines of two
+            # processes never interleave.
+            line = (json.dumps(mail) + "\n").encode()
+            fd = os.open(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
         return "250 Message accepted for delivery"
 
     def received(self):
-        with self.lock:
-            return list(self.messages)
+        if self.log_path is None:
+            with self.lock:
+                return list(self.messages)
+        try:
+            with open(self.log_path, encoding="utf-8") as log:
+                return [json.loads(line) for line in log if line.endswith("\n")]
+        except FileNotFoundError:
+            return []
 
 
-def start_mail_sink(host="127.0.0.1"):
+def start_mail_sink(host="127.0.0.1", log_path=None):
     """Start an SMTP sink on a free port; returns the running controller."""
     from aiosmtpd.controller import Controller
 
-    sink = MailSink()
+    sink = MailSink(log_path)
     controller = Controller(sink, hostname=host, port=free_port(host))
     controller.start()
     controller.sink = sink
@@ -444,6 +474,13 @@ def create_app(config=None):
         CPU_EXECUTOR_TYPE="process",
         CPU_EXECUTOR_MAX_WORKERS=2,
     )
+    store = os.environ.get("DEMO_FUTURES_STORE")
+    if store:
+        # One file for the three executors: each keeps its futures under its own prefix
+        # there. The store signs what it holds with SECRET_KEY, the same in every process.
+        app.config.update(
+            EXECUTOR_FUTURES_STORE=store, LONG_EXECUTOR_FUTURES_STORE=store, CPU_EXECUTOR_FUTURES_STORE=store
+        )
     # Any setting can be overridden from the environment with a FLASK_ prefix,
     # e.g. FLASK_LONG_EXECUTOR_MAX_WORKERS=4 or FLASK_CPU_EXECUTOR_MP_CONTEXT=spawn.
     app.config.from_prefixed_env()
@@ -455,11 +492,17 @@ def create_app(config=None):
     for ex in EXECUTORS.values():
         ex.init_app(app)
     with app.app_context():
-        db.create_all()
+        create_tables()
 
     @app.context_processor
     def inject_nav():
-        return {"mail_sink": app.config["MAIL_SINK"] is not None}
+        return {"mail_sink": app.config["MAIL_SINK"] is not None, "server_pid": os.getpid()}
+
+    @app.after_request
+    def served_by(response):
+        # Which process answered: with several workers (gunicorn -w 2), any of them may.
+        response.headers["X-Worker-Pid"] = str(os.getpid())
+        return response
 
     # The form endpoints answer bad input with their page (status 400) showing what was wrong,
     # or, for a JSON request or one that accepts JSON rather than HTML, with {"error": ...}.
@@ -521,7 +564,8 @@ def create_app(config=None):
             raise InputError(f"{address} is already signed up", field="email", status=409) from None
         mail_task = None
         if app.config["MAIL_SERVER"]:
-            mail_task = f"mail-{user.id}"
+            # Unique even when a persistent store outlives the database (and so a user id).
+            mail_task = new_key(f"mail-{user.id}")
             executor.submit_stored(mail_task, send_confirmation, user.id)
         if wants_json():
             return {"user": user.to_dict(), "mail_task": mail_task}, 201
@@ -616,10 +660,64 @@ def create_app(config=None):
 
     @app.get("/status")
     def status_page():
-        return render_template("status.html", tasks=all_tasks(), executors=EXECUTORS)
+        shared = bool(app.config.get("EXECUTOR_FUTURES_STORE"))
+        return render_template("status.html", tasks=all_tasks(), executors=EXECUTORS, shared_store=shared)
 
     # The pages that show the errors of the forms posted to these endpoints.
     form_pages = {"signup": signup_page, "csv_upload": csv_page}
+    return app
+
+
+def create_tables():
+    """db.create_all(), which several worker processes may call at once: one of them sees a
+    table missing and then fails to create it, because another has just done so."""
+    for attempt in range(3):
+        try:
+            db.create_all()
+            return
+        except OperationalError as error:
+            if "already exists" not in str(error) or attempt == 2:
+                raise
+
+
+def create_worker_app():
+    """The app of one worker process of a server that runs several, such as::
+
+        gunicorn -w 2 -b 127.0.0.1:8000 --chdir examples "demo:create_worker_app()"
+
+    gunicorn calls it in each worker. There:
+
+    * the three executors share stored futures through ``DEMO_FUTURES_STORE``
+      (``instance/futures.db`` by default), so that a request served by any worker sees the
+      tasks of all of them: the status page, a task's progress, cancelling;
+    * the SQLite database (``DATABASE_URL``) is one file that the workers share;
+    * unless ``MAIL_SERVER`` is set, each worker runs an SMTP sink of its own, on a port of
+      its own, and they all append what they receive to one file (``DEMO_MAIL_LOG``,
+      ``instance/mails.jsonl``), which the mail page of any worker reads. (A sink started
+      once in gunicorn's master process would keep the mails in the master's memory, which
+      no worker can read.)
+    """
+    instance = os.path.join(HERE, "instance")
+    os.makedirs(instance, exist_ok=True)
+    os.environ.setdefault("DEMO_FUTURES_STORE", os.path.join(instance, "futures.db"))
+    config = {}
+    controller = None
+    if not os.environ.get("MAIL_SERVER"):
+        log_path = os.environ.get("DEMO_MAIL_LOG", os.path.join(instance, "mails.jsonl"))
+        controller = start_mail_sink(log_path=log_path)
+        config.update(MAIL_SERVER=controller.hostname, MAIL_PORT=controller.port, MAIL_SINK=controller.sink)
+    app = create_app(config)
+
+    # When the worker exits; before Flask-Executor's own exit handler (registered earlier,
+    # so run later), which waits for the tasks still running.
+    @atexit.register
+    def stop_worker():
+        STOPPING.set()  # long computations stop at their next step
+        for ex in EXECUTORS.values():
+            ex.shutdown(wait=True, cancel_futures=True)
+        if controller is not None:
+            controller.stop()
+
     return app
 
 

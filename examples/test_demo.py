@@ -1,8 +1,9 @@
 """End-to-end tests of the demo app (examples/demo.py).
 
 * Browser tests: the demo runs as a real server (``python examples/demo.py`` in
-  a subprocess, werkzeug, 127.0.0.1, free port) and headless Chromium is driven
-  with Playwright.  They are skipped - with the reason printed - only when no
+  a subprocess, werkzeug, 127.0.0.1, free port; and ``gunicorn -w 2`` with the
+  workers sharing stored futures) and headless Chromium is driven with
+  Playwright.  They are skipped - with the reason printed - only when no
   browser is available: Playwright not importable or no Chromium executable
   (``/usr/bin/chromium``, or ``CHROMIUM_PATH``).  Playwright's own browser
   downloads are not used.
@@ -116,6 +117,14 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def no_control_socket():
+    """gunicorn's option not to open its control socket (one file in the home directory for
+    every gunicorn of the user), where this gunicorn has one."""
+    from gunicorn.config import KNOWN_SETTINGS
+
+    return ["--no-control-socket"] if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS) else []
+
+
 def wait_until(predicate, timeout, interval=0.05, what="condition"):
     deadline = time.monotonic() + timeout
     while True:
@@ -128,12 +137,15 @@ def wait_until(predicate, timeout, interval=0.05, what="condition"):
 
 
 class DemoServer:
-    """``python examples/demo.py`` in a subprocess, on a free port."""
+    """``python examples/demo.py`` in a subprocess, on a free port; with ``workers``, the
+    demo under ``gunicorn -w WORKERS`` instead, as the README runs it, its workers sharing
+    stored futures through a store in ``workdir``."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, workers=None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(workdir, "demo-server.log")
+        self.workers = workers
         env = dict(
             os.environ,
             PORT=str(self.port),
@@ -143,20 +155,42 @@ class DemoServer:
         )
         for key in ("MAIL_SERVER", "MAIL_PORT"):  # always use the built-in SMTP sink
             env.pop(key, None)
+        if workers is None:
+            command = [sys.executable, os.path.join(HERE, "demo.py")]
+        else:
+            env["DEMO_FUTURES_STORE"] = os.path.join(workdir, "futures.db")
+            env["DEMO_MAIL_LOG"] = os.path.join(workdir, "mails.jsonl")
+            command = [sys.executable, "-m", "gunicorn", "-w", str(workers), "-b", f"127.0.0.1:{self.port}"]
+            command += [
+                "--chdir",
+                HERE,
+                "--graceful-timeout",
+                "20",
+                *no_control_socket(),
+                "demo:create_worker_app()",
+            ]
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "demo.py")],
+            command,
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
+    def worker_pids(self):
+        """The pids of the workers gunicorn has booted."""
+        with open(self.log_path) as f:
+            return {int(pid) for pid in re.findall(r"Booting worker with pid: (\d+)", f.read())}
+
     def wait_ready(self, timeout=30):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"demo server exited with {self.proc.returncode}:\n{self.tail()}")
+            if self.workers is not None and len(self.worker_pids()) < self.workers:
+                time.sleep(0.1)
+                continue
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=2) as resp:
                     if resp.status == 200:
@@ -174,10 +208,15 @@ class DemoServer:
             # the demo shuts down cleanly on SIGTERM
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=20)
+                self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)  # our own process group only
                 self.proc.wait(timeout=10)
+        if self.workers is not None:
+            try:  # a gunicorn worker left behind by its master: the group is ours to end
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.log.close()
 
 
@@ -474,6 +513,122 @@ def test_csv_form_shows_why_an_upload_is_refused(page):
     upload_in_browser(page, "empty.csv", b"")
     expect(page.locator(".flash.error")).to_have_text("empty.csv is empty")
     assert "/csv/" not in page.url  # no task, no result page
+
+
+# --------------------------------------------------------------------------
+# the demo under gunicorn -w 2, its workers sharing stored futures
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gunicorn_server(browser, tmp_path_factory):
+    srv = DemoServer(str(tmp_path_factory.mktemp("demo-gunicorn")), workers=2)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+        print("---- gunicorn log ----\n" + srv.tail(200))
+
+
+@pytest.fixture
+def gunicorn_page(browser, gunicorn_server):
+    context = browser.new_context(viewport={"width": 1000, "height": 700}, base_url=gunicorn_server.url)
+    context.set_default_timeout(WAIT_MS)
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def worker_pid(response):
+    return int(response.headers["x-worker-pid"])
+
+
+def is_post_to(path):
+    return lambda response: response.request.method == "POST" and response.url.split("?")[0].endswith(path)
+
+
+def test_status_page_of_either_gunicorn_worker_lists_the_tasks_of_both(
+    gunicorn_page, gunicorn_server, tmp_path
+):
+    page, workers = gunicorn_page, gunicorn_server.worker_pids()
+    assert len(workers) == 2
+    accepted = {}  # task key -> pid of the worker that accepted the request, and so runs the task
+    signups = {}  # address -> pid of the worker that served the sign-up
+    # Each request comes on a connection of its own (gunicorn's sync workers close them), and
+    # either worker may take it: go on until each has taken some of each kind.
+    for round_number in range(20):
+        address = f"worker-{round_number}-{uuid.uuid4().hex[:6]}@example.com"
+        page.goto("/signup")
+        page.fill("input[name=name]", f"Worker test {round_number}")
+        page.fill("input[name=email]", address)
+        with page.expect_response(is_post_to("/signup")) as posted:
+            page.click("#signup-form button[type=submit]")
+        signups[address] = worker_pid(posted.value)
+        expect(page.locator(".flash.ok")).to_contain_text("A confirmation mail is on its way")
+
+        page.goto("/csv")
+        page.set_input_files(
+            "input[type=file]",
+            files=[{"name": "weather.csv", "mimeType": "text/csv", "buffer": CSV_TEXT.encode()}],
+        )
+        with page.expect_response(is_post_to("/csv")) as posted:
+            page.click("#csv-form button[type=submit]")
+        key = posted.value.headers["location"].split("/csv/", 1)[1].split("?")[0]
+        accepted[key] = worker_pid(posted.value)
+        # The result page polls the task, whichever worker answers each poll.
+        expect(page.locator("#state")).to_have_text("finished")
+
+        page.goto("/long")
+        with page.expect_response(is_post_to("/api/long")) as posted:
+            start_long_task(page, limit=20_000, steps=2, delay=0)
+        accepted[posted.value.json()["key"]] = worker_pid(posted.value)
+
+        kinds = [set(signups.values()), set(accepted.values())]
+        if round_number >= 1 and all(pids == workers for pids in kinds):
+            break
+    assert set(signups.values()) == workers, f"one worker took every sign-up: {signups}"
+    assert set(accepted.values()) == workers, f"one worker took every task: {accepted}"
+
+    # The mail tasks, by their keys (mail-<user id>-...), accepted by the worker that signed up.
+    users = {u["email"]: u["id"] for u in page.request.get("/api/users").json()}
+    keys = [t["key"] for t in page.request.get("/api/tasks").json()]
+    for address, pid in signups.items():
+        (key,) = [k for k in keys if k.startswith(f"mail-{users[address]}-")]
+        accepted[key] = pid
+    for key in accepted:
+        wait_until(lambda key=key: task_json(page, key)["state"] == "finished", 30, what=f"{key} to finish")
+
+    # Whichever worker renders the status page, it lists every task of both, finished.
+    rendered_by = set()
+    for _ in range(40):
+        page.goto("/status")
+        rendered_by.add(int(page.locator("#served-by").text_content()))
+        states = dict(
+            page.locator("#status tbody tr[data-key]").evaluate_all(
+                "rows => rows.map(r => [r.dataset.key, r.querySelector('td.state').textContent])"
+            )
+        )
+        assert {key: states.get(key) for key in accepted} == dict.fromkeys(accepted, "finished")
+        expect(page.locator("#status")).to_contain_text("long")
+        if rendered_by == workers:
+            break
+    assert rendered_by == workers, f"the status page was always rendered by {rendered_by}"
+    page.screenshot(path=str(tmp_path / "status-two-workers.png"))
+
+    # The mails of both workers' tasks, whichever worker renders the mail page.
+    rendered_by = set()
+    for _ in range(40):
+        page.goto("/mails")
+        rendered_by.add(int(page.locator("#served-by").text_content()))
+        for address in signups:
+            expect(page.locator("#mails tbody tr", has_text=address)).to_have_count(1)
+        if rendered_by == workers:
+            break
+    assert rendered_by == workers, f"the mail page was always rendered by {rendered_by}"
 
 
 # --------------------------------------------------------------------------
@@ -889,7 +1044,8 @@ def test_status_detail_describes_finished_and_failed_tasks(client):
     assert response.status_code == 302
     wait_until(lambda: [u for u in users_named(client, address) if u["mailed"]], 20, what="the mail")
     (user,) = users_named(client, address)
-    mail_key = f"mail-{user['id']}"
+    tasks = client.get("/api/tasks").get_json()
+    (mail_key,) = [t["key"] for t in tasks if t["key"].startswith(f"mail-{user['id']}-")]
     poll_task(client, mail_key)
     assert status_detail(client, mail_key) == f"mailed {address}"
 
