@@ -2243,6 +2243,7 @@ class _StoredFuture:
         self._record = record
         self._fresh = True  # the record was just read: the first question needs no read
         self._popped = popped
+        self._dropped = False
 
     def done(self) -> bool:
         return self._read().state not in _UNFINISHED
@@ -2304,11 +2305,9 @@ class _StoredFuture:
             self._fresh = False
         elif self._record.state in _UNFINISHED:
             record = self._store.backend.read_entry(self._record.id)
-            if record is None:
-                raise concurrent.futures.CancelledError(
-                    f"task {self.key!r} was dropped from the store (popped by another reader, or evicted"
-                    " to stay within EXECUTOR_FUTURES_MAX_LENGTH) before it finished"
-                )
+            if record is None:  # gone: for this reader the task is over, its outcome unknown
+                self._dropped = True
+                record = self._record._replace(state="FINISHED", outcome=None)
             self._record = record
         record = self._record
         if record.state in _UNFINISHED and not record.owner_alive and record.owner != _this_process.token:
@@ -2339,6 +2338,12 @@ class _StoredFuture:
             record = self._read()
         if record.state == "CANCELLED":
             return "exception", concurrent.futures.CancelledError(f"task {self.key!r} was cancelled")
+        if self._dropped:
+            raise StoreError(
+                f"task {self.key!r} left the store before it finished (popped by another reader, evicted"
+                " to stay within EXECUTOR_FUTURES_MAX_LENGTH, or expired): only the process that ran it"
+                " has its outcome"
+            )
         local = self._store.local_future(record.id)
         if local is not None and local.done() and not local.cancelled():  # the real value, pickled or not
             exception = local.exception()

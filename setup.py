@@ -53,6 +53,13 @@ setup(
             "docutils>=0.20",
             "pyperf>=2.6",
             "APScheduler>=3.10,<4",
+            "redis>=5",
+            "pyuwsgi>=2.0.28",
+            "waitress>=3",
+            "flask-shell2http>=1.9",
+            "blinker>=1.6",
+            "sphinx>=8.1,<10",
+            "pallets-sphinx-themes>=2.5,<3",
         ],
     },
     classifiers=[
