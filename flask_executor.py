@@ -623,14 +623,16 @@ class TaskFuture(concurrent.futures.Future[T]):
         return True
 
     def set_result(self, result: T) -> None:
+        # The store first, so that no reader elsewhere lags behind this future's waiters
+        # (nor behind its done callbacks, which may take a while).
+        if self._entry is not None and not self.done():
+            self._entry.finish(self, ("result", result))
         super().set_result(result)
-        if self._entry is not None:  # after the done callbacks, which may change the result
-            self._entry.finish(self)
 
     def set_exception(self, exception: BaseException | None) -> None:
+        if self._entry is not None and not self.done():
+            self._entry.finish(self, ("exception", exception))
         super().set_exception(exception)
-        if self._entry is not None:
-            self._entry.finish(self)
 
     def _start(self) -> bool:
         """Marks the future running, unless it was cancelled; every pool calls this
@@ -1317,7 +1319,9 @@ def _run_call(
 ) -> Any:
     # A forked worker starts with the context variables of the thread that forked
     # it, that thread's request included: a task must not see them.
-    return contextvars.Context().run(_run_here, fn, args, kwargs, app_reference)
+    # Only then: an executor's own worker threads keep their context (Dask's get_worker()).
+    context = contextvars.Context() if flask.has_app_context() else contextvars.copy_context()
+    return context.run(_run_here, fn, args, kwargs, app_reference)
 
 
 def _run_here(
@@ -2063,6 +2067,7 @@ class _SharedStore:
         self._unfinished = 0
         self._lock = threading.Lock()
         self._heartbeat: threading.Thread | None = None
+        self.store_warnings = _WarningLimiter()
         #: What 1.0's ``futures._futures.get(key)`` reads.
         self.futures = _StoredMapping(self)
 
@@ -2096,17 +2101,21 @@ class _SharedStore:
         return [_decode_key(key) for key in dropped]
 
     def get(self, key: Hashable) -> concurrent.futures.Future[Any] | _StoredFuture | None:
-        record = self.backend.read(_encode_key(key)) if _is_store_key(key) else None
+        record = self._logged(self.backend.read, _encode_key(key)) if _is_store_key(key) else None
         if record is None:
             return None
         # A task accepted here answers through its own future, which a pop() leaves working
         # (1.0's users get a future by key, pop the key, then wait: Flask-Shell2HTTP does).
         with self._lock:
             local = self._local.get(record.id)
-        return local if local is not None else _StoredFuture(self, record)
+        # ...while it agrees with the store: not when another process cancelled the task, or
+        # took it for lost, before this process's worker reached it.
+        if local is not None and (local.done() or record.state in _UNFINISHED):
+            return local
+        return _StoredFuture(self, record)
 
     def pop(self, key: Hashable) -> Any:
-        record = self.backend.pop(_encode_key(key)) if _is_store_key(key) else None
+        record = self._logged(self.backend.pop, _encode_key(key)) if _is_store_key(key) else None
         if record is None:
             return None
         with self._lock:
@@ -2147,6 +2156,13 @@ class _SharedStore:
         self._heartbeat = None
         self.backend.after_fork()
 
+    def _logged(self, operation: Callable[[str], T], key: str) -> T:
+        try:
+            return operation(key)
+        except _ForeignEntry as error:
+            self.logger.error("%s", error)
+            raise
+
     def local_future(self, entry_id: Any) -> concurrent.futures.Future[Any] | None:
         return self._local.get(entry_id)
 
@@ -2169,8 +2185,10 @@ class _SharedStore:
                 elif beating_for is not None:
                     self.backend.beat(beating_for, alive=False)
                     beating_for = None
-            except Exception:
-                self.logger.exception("Flask-Executor could not write its heartbeat to the store")
+            except Exception as error:  # an outage: say so once a minute, not once a second
+                self.store_warnings.warn(
+                    self.logger, "Flask-Executor could not write its heartbeat to the store: %s", error
+                )
 
 
 _HEARTBEAT_SECONDS = 1.0
@@ -2195,9 +2213,17 @@ class _Entry:
         """Whether the task may run: not when it was cancelled in another process
         (or taken for lost). A task whose key was popped meanwhile runs untracked."""
         store = self.store
-        if store.backend.transition(self.id, _this_process.token, ("PENDING",), "RUNNING"):
+        try:
+            if store.backend.transition(self.id, _this_process.token, ("PENDING",), "RUNNING"):
+                return True
+            record = store.backend.read_entry(self.id)
+        except StoreError:
+            store.logger.exception(
+                "Task %r runs, but the store could not be told it started: readers in other"
+                " processes may see it waiting, and then lost",
+                self.key,
+            )
             return True
-        record = store.backend.read_entry(self.id)
         return record is None or record.state == "RUNNING"
 
     def progress(self, progress: Progress) -> None:
@@ -2205,26 +2231,44 @@ class _Entry:
         now = time.monotonic()
         if now - self.last_progress >= 0.05:
             self.last_progress = now
-            blob = self.store.signer.dumps("progress", progress)
-            self.store.backend.transition(self.id, _this_process.token, _UNFINISHED, None, progress=blob)
+            blob = self.store.signer.dumps("progress", progress, self.id)
+            try:
+                self.store.backend.transition(self.id, _this_process.token, _UNFINISHED, None, progress=blob)
+            except StoreError:
+                self.store.store_warnings.warn(
+                    self.store.logger, "The progress of task %r could not be written to the store", self.key
+                )
 
-    def finish(self, future: concurrent.futures.Future[Any]) -> None:
+    def finish(self, future: concurrent.futures.Future[Any], outcome: tuple[str, Any] | None = None) -> None:
+        """Writes the task's end to the store: ``outcome`` when given (the future is not
+        done yet), else what the done future holds."""
         store = self.store
         store.finished_one()
-        if future.cancelled():
-            state, outcome = "CANCELLED", None
+        if outcome is None and future.cancelled():
+            state, blob = "CANCELLED", None
         else:
-            state, outcome = "FINISHED", store.signer.outcome(self.key, future)
+            state, blob = "FINISHED", store.signer.outcome(self.id, outcome or _outcome_of(future))
         progress = getattr(future, "progress", None)
-        written = store.backend.transition(
-            self.id,
-            _this_process.token,
-            _UNFINISHED,
-            state,
-            outcome=outcome,
-            progress=None if progress is None else store.signer.dumps("progress", progress),
-        )
-        if not written and store.backend.read_entry(self.id) is not None:
+        try:
+            written = store.backend.transition(
+                self.id,
+                _this_process.token,
+                _UNFINISHED,
+                state,
+                outcome=blob,
+                progress=None if progress is None else store.signer.dumps("progress", progress, self.id),
+            )
+            record = None if written else store.backend.read_entry(self.id)
+        except StoreError:
+            store.logger.exception(
+                "The end of task %r could not be written to the store: readers in other processes"
+                " will see it lost; this process has the outcome",
+                self.key,
+            )
+            return
+        # Not written: popped and dropped (no record), cancelled from another process (nothing
+        # lost), or taken for lost by a reader while this process was slow to beat.
+        if record is not None and not (state == "CANCELLED" and record.state == "CANCELLED"):
             store.logger.warning(
                 "Task %r finished after another process had reported it lost (its heartbeat stopped"
                 " for %s s): readers in other processes see TaskLost, this process has the outcome",
@@ -2315,7 +2359,7 @@ class _StoredFuture:
                 f"task {self.key!r} was lost: the process running it stopped (killed, out of memory, or a"
                 f" deploy that did not wait) before it finished; nothing retries it"
             )
-            lost = self._store.signer.dumps("outcome", ("exception", lost_task))
+            lost = self._store.signer.dumps("outcome", ("exception", lost_task), record.id)
             self._store.backend.transition(record.id, record.owner, _UNFINISHED, "FINISHED", outcome=lost)
             self._record = self._store.backend.read_entry(record.id) or record._replace(
                 state="FINISHED", outcome=lost
@@ -2419,21 +2463,19 @@ class _Signer:
         self._namespace = namespace.encode() + b"\0"
         self._logger = logger
 
-    def dumps(self, field: str, value: object) -> bytes:
+    def dumps(self, field: str, value: object, entry_id: Any) -> bytes:
         payload = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-        return self._mac(field, payload) + payload
+        return self._mac(field, entry_id, payload) + payload
 
-    def outcome(self, key: Hashable, future: concurrent.futures.Future[Any]) -> bytes:
-        exception = future.exception()
-        outcome = ("result", future.result()) if exception is None else ("exception", exception)
+    def outcome(self, entry_id: Any, outcome: tuple[str, Any]) -> bytes:
         try:
-            return self.dumps("outcome", outcome)
+            return self.dumps("outcome", outcome, entry_id)
         except Exception as error:
-            return self.dumps("outcome", ("unpicklable", f"{type(error).__name__}: {error}"))
+            return self.dumps("outcome", ("unpicklable", f"{type(error).__name__}: {error}"), entry_id)
 
     def loads(self, field: str, blob: bytes, reader: _StoredFuture) -> Any:
         mac, payload = blob[:32], blob[32:]
-        if not hmac.compare_digest(mac, self._mac(field, payload)):
+        if not hmac.compare_digest(mac, self._mac(field, reader._record.id, payload)):
             self._logger.error(
                 "The stored %s of task %r failed its signature check and was not unpickled: it was"
                 " written by something other than this app (or with another SECRET_KEY)",
@@ -2446,10 +2488,19 @@ class _Signer:
             )
         return pickle.loads(payload)
 
-    def _mac(self, field: str, payload: bytes) -> bytes:
-        return hmac.new(
-            self._key, self._namespace + field.encode() + b"\0" + payload, hashlib.sha256
-        ).digest()
+    def _mac(self, field: str, entry_id: Any, payload: bytes) -> bytes:
+        # The entry's id is signed too: a blob moved to another entry fails the check.
+        signed = self._namespace + field.encode() + b"\0" + str(entry_id).encode() + b"\0" + payload
+        return hmac.new(self._key, signed, hashlib.sha256).digest()
+
+
+def _outcome_of(future: concurrent.futures.Future[Any]) -> tuple[str, Any]:
+    exception = future.exception()
+    return ("result", future.result()) if exception is None else ("exception", exception)
+
+
+class _ForeignEntry(StoreError):
+    """An entry of a shared store that Flask-Executor did not write: it lacks fields."""
 
 
 def _inserted_id(cursor: Any) -> Any:
@@ -2562,15 +2613,24 @@ class _SQLiteStore:
         self._write("DELETE FROM tasks WHERE id = ?", (entry_id,))
 
     def keys(self) -> list[str]:
-        query = "SELECT key FROM tasks WHERE namespace = ? AND key IS NOT NULL ORDER BY id"
-        rows = self._patiently(lambda: self._connection().execute(query, (self._namespace,)).fetchall())
+        query = (
+            "SELECT key FROM tasks WHERE namespace = ? AND key IS NOT NULL"
+            " AND (finished IS NULL OR finished >= ?) ORDER BY id"
+        )
+        parameters = (self._namespace, self._expired_before())
+        rows = self._patiently(lambda: self._connection().execute(query, parameters).fetchall())
         return [key for (key,) in rows]
 
     def count(self) -> int:
-        query = "SELECT count(*) FROM tasks WHERE namespace = ? AND key IS NOT NULL"
-        return int(
-            self._patiently(lambda: self._connection().execute(query, (self._namespace,)).fetchone()[0])
+        query = (
+            "SELECT count(*) FROM tasks WHERE namespace = ? AND key IS NOT NULL"
+            " AND (finished IS NULL OR finished >= ?)"
         )
+        parameters = (self._namespace, self._expired_before())
+        return int(self._patiently(lambda: self._connection().execute(query, parameters).fetchone()[0]))
+
+    def _expired_before(self) -> float:
+        return float("-inf") if self._ttl is None else time.time() - self._ttl
 
     def beat(self, owner: str, alive: bool) -> None:
         now = time.time()
@@ -2799,11 +2859,17 @@ class _RedisStore:
         self._run("delete", entry_id)
 
     def keys(self) -> list[str]:
-        by_key = self._call(lambda: self._redis.hgetall(self._prefix + ":keys"))
-        return [key.decode() for key, _ in sorted(by_key.items(), key=lambda item: int(item[1]))]
+        flat = self._run("keys", self._ttl or 0, time.time())
+        pairs = zip(flat[::2], flat[1::2])
+        try:
+            return [key.decode() for key, _ in sorted(pairs, key=lambda pair: int(pair[1]))]
+        except ValueError:
+            raise _ForeignEntry(
+                f"the Redis store's keys hold an id that is no number ({self._prefix}:keys)"
+            ) from None
 
     def count(self) -> int:
-        return int(self._call(lambda: self._redis.hlen(self._prefix + ":keys")))
+        return int(self._run("count", self._ttl or 0, time.time()))
 
     def beat(self, owner: str, alive: bool) -> None:
         name = "flask_executor:owner:" + owner
@@ -2828,6 +2894,15 @@ class _RedisStore:
         if not fields:
             return None
         entry_id, key, state, owner, outcome, progress, alive = fields
+        if (
+            key is None
+            or owner is None
+            or state.decode() not in ("PENDING", "RUNNING", "FINISHED", "CANCELLED")
+        ):
+            raise _ForeignEntry(
+                f"entry {entry_id.decode()} of the Redis store ({self._prefix}) was not written by"
+                " Flask-Executor (it lacks fields, or has an unknown state): something else writes there"
+            )
         return StoredTask(
             int(entry_id),
             key.decode() or None,
@@ -2871,7 +2946,8 @@ local function record(id)
     local entry = prefix .. ':e:' .. id
     local fields = redis.call('HMGET', entry, 'key', 'state', 'owner', 'outcome', 'progress')
     if not fields[2] then return nil end
-    local alive = redis.call('EXISTS', 'flask_executor:owner:' .. fields[3])
+    local alive = 0
+    if fields[3] then alive = redis.call('EXISTS', 'flask_executor:owner:' .. fields[3]) end
     return {id, fields[1], fields[2], fields[3], fields[4] or '', fields[5] or '', alive}
 end
 """
@@ -2951,6 +3027,16 @@ else
     drop(id)
 end
 return found
+""",
+    # ARGV: ttl, now
+    "keys": """
+expire(ARGV[1], tonumber(ARGV[2]))
+return redis.call('HGETALL', prefix .. ':keys')
+""",
+    # ARGV: ttl, now
+    "count": """
+expire(ARGV[1], tonumber(ARGV[2]))
+return redis.call('HLEN', prefix .. ':keys')
 """,
     # ARGV: id
     "delete": """

@@ -18,6 +18,7 @@ their test clients, request contexts and CLI runner. No timing assertions: tests
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import gc
 import hashlib
 import http.client
@@ -42,6 +43,7 @@ import tempfile
 import threading
 import time
 import traceback
+import types
 import urllib.parse
 import urllib.request
 import uuid
@@ -68,7 +70,15 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from werkzeug.test import EnvironBuilder, run_wsgi_app
 
 import flask_executor
-from flask_executor import Executor, FutureCollection, Progress, QueueFull, TaskFuture, report_progress
+from flask_executor import (
+    Executor,
+    FutureCollection,
+    Progress,
+    QueueFull,
+    StoreError,
+    TaskFuture,
+    report_progress,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -5011,3 +5021,1371 @@ def test_compat_teardown_functions_run_after_each_task_of_a_request(compat_make_
     assert response.status_code == 200, response.get_data(as_text=True)[-2000:]
     # Once per task, in the task's thread; none yet for the view, whose request is still live.
     assert response.get_json() == {"request": task_count, "appcontext": task_count, "view": 0}
+
+
+# ================================================================================================
+# The shared store on Redis, across hosts, and with tasks on Dask
+# ================================================================================================
+# Tests: EXECUTOR_FUTURES_STORE = "redis://host:port/db" (and rediss://), the shared store
+# across machines, with the contract of the SQLite store.
+#
+# - two gunicorn instances on two ports (standing for two hosts), one app module, one Redis:
+#   keys started on A are read, cancelled while waiting and popped on B; B refuses a key
+#   running on A; progress from A reaches B; a task of a killed worker of A is TaskLost on B;
+# - no way in through Redis: forged outcomes, progress and whole entries written straight
+#   into Redis (or a signed outcome moved to another key) are refused, never unpickled, and
+#   logged at ERROR on app.logger;
+# - a password in the URL, rediss:// with a certificate made here, and a wrong password that
+#   fails at init_app without printing it;
+# - without redis-py installed (a fresh virtual environment), init_app says ``pip install redis``;
+# - the store says a task is done as soon as its future is, for every reader;
+# - max length and TTL store-wide, the same as the SQLite store's (finished first, oldest
+#   first; the TTL removes finished entries only); these run on the SQLite store too;
+# - a Redis outage while tasks run leaves the pool running tasks;
+# - tasks run on a Dask cluster, with their state in Redis, seen from two app servers.
+#
+# Conventions (to be merged into test_flask_executor.py): module-level helpers and fixtures
+# start with ``redis_`` (classes with ``Redis``, constants with ``REDIS_``), tests with
+# ``test_redis_``. Real parts only: real redis-server processes this module starts on free
+# loopback ports without persistence and stops by pid, real gunicorn, a real Dask cluster, a
+# real virtual environment. Network traffic goes to 127.0.0.1 only; every wait is bounded.
+# When /usr/bin/redis-server is absent (apt-get install redis-server), the tests skip and say so.
+
+# Generous bound used whenever a test waits for something to happen.
+REDIS_WAIT = 30
+REDIS_SECRET_KEY = "redis-store-test-secret"
+REDIS_MODULE_DIR = os.path.dirname(os.path.abspath(flask_executor.__file__))
+# Where the module keeps an executor's entries (see the comment above its Lua scripts):
+# PREFIX:keys maps an encoded key ("s:" + a string key) to an entry id, PREFIX:e:ID holds
+# an entry's fields. A forger who can write to Redis knows this much, so the tests do.
+REDIS_PREFIX = "flask_executor:EXECUTOR_"
+# How long a process's heartbeat outlives it in the store (the module's own figure, 5 s).
+REDIS_LOST_AFTER = getattr(flask_executor, "_LOST_AFTER_SECONDS", 5.0)
+REDIS_HEARTBEAT = getattr(flask_executor, "_HEARTBEAT_SECONDS", 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def redis_server_binary():
+    """Debian's redis-server, or else one on PATH; None when there is none."""
+    for candidate in ("/usr/bin/redis-server", shutil.which("redis-server")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def redis_free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def redis_wait_for_port(port, process=None, timeout=REDIS_WAIT):
+    """Whether something listens on the loopback port within timeout (False at once when
+    process, the one that should listen, has exited)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            return False
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def redis_wait_until(predicate, timeout=REDIS_WAIT, interval=0.02):
+    """Polls predicate until it is true or timeout passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def redis_stop_process(process, timeout=15):
+    """Stops a process this module started, by its pid: SIGTERM, then SIGKILL."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout)
+
+
+class RedisTestServer:
+    """A redis-server started by this module on a free loopback port, with no persistence
+    and its files in ``folder``; stopped by its pid. With ``tls=(cert, key)`` its port
+    speaks TLS only (and clients need no certificate of their own)."""
+
+    def __init__(self, folder, *options, tls=None):
+        binary = redis_server_binary()
+        if binary is None:
+            pytest.skip(
+                "redis-server is not installed (looked for /usr/bin/redis-server and on PATH;"
+                " apt-get install redis-server): the Redis store tests need a real server"
+            )
+        self.binary = binary
+        self.folder = pathlib.Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.options = options
+        self.tls = tls
+        self.process = None
+        for _ in range(3):  # another program may take the free port before the server does
+            self.port = redis_free_port()
+            if self._start():
+                return
+        raise RuntimeError(f"redis-server did not start:\n{self.log_text()}")
+
+    def _start(self):
+        if self.tls is None:
+            ports = ["--port", str(self.port)]
+        else:
+            cert, key = self.tls
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert)]
+            ports += ["--tls-key-file", str(key), "--tls-auth-clients", "no"]
+        self.log_path = self.folder / f"redis-server-{self.port}.log"
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [self.binary, *ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+                + ["--dir", str(self.folder), *self.options],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=str(self.folder),
+            )
+        if redis_wait_for_port(self.port, self.process, timeout=10):
+            return True
+        redis_stop_process(self.process)
+        return False
+
+    def url(self, password=None, scheme=None, query=""):
+        scheme = scheme or ("redis" if self.tls is None else "rediss")
+        credentials = "" if password is None else f":{password}@"
+        return f"{scheme}://{credentials}127.0.0.1:{self.port}/0" + (f"?{query}" if query else "")
+
+    def log_text(self):
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def restart(self):
+        """Starts the server again on the same port, empty (nothing is persisted)."""
+        if not self._start():
+            raise RuntimeError(f"redis-server did not start again:\n{self.log_text()}")
+
+    def stop(self):
+        if self.process is not None:
+            redis_stop_process(self.process)
+
+
+def redis_client(url):
+    """A redis-py client of its own, for the test to read and forge entries."""
+    redis = pytest.importorskip("redis", reason="redis-py is not installed (pip install redis)")
+    return redis.Redis.from_url(url)
+
+
+def redis_settle_heartbeats():
+    """Waits until the heartbeat threads of this process have told the store they have no
+    unfinished task left (once a second), so that none fails on a server stopped under it."""
+    time.sleep(REDIS_HEARTBEAT * 1.5)
+
+
+def redis_entry_name(entry_id):
+    return f"{REDIS_PREFIX}:e:{entry_id}"
+
+
+def redis_entry_id(client, key):
+    """The id of the entry under a string key, or None."""
+    found = client.hget(REDIS_PREFIX + ":keys", "s:" + key)
+    return None if found is None else int(found)
+
+
+def redis_plant_entry(client, key, entry_id, fields):
+    """Writes an entry straight into Redis under key, as a forger would."""
+    client.hset(redis_entry_name(entry_id), mapping=fields)
+    client.hset(REDIS_PREFIX + ":keys", "s:" + key, entry_id)
+    client.zadd(REDIS_PREFIX + ":order", {entry_id: entry_id})
+
+
+class RedisMarkerPayload:
+    """What an attacker who can write to Redis would store: unpickling it runs code, here
+    code that creates the file at ``path``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.path!r}, 'w').close()",))
+
+
+def redis_marker_pickle(path):
+    return pickle.dumps(RedisMarkerPayload(path), pickle.HIGHEST_PROTOCOL)
+
+
+def redis_assert_payload_is_live(folder):
+    """The forged payloads of these tests do create their marker file when unpickled, so a
+    marker file that stays absent means they were not unpickled."""
+    control = pathlib.Path(folder) / f"control-{uuid.uuid4().hex}"
+    pickle.loads(redis_marker_pickle(control))
+    assert control.exists()
+    control.unlink()
+
+
+def redis_app_records(caplog, app, level):
+    return [record for record in caplog.records if record.name == app.logger.name and record.levelno == level]
+
+
+def redis_record_text(record):
+    text = record.getMessage()
+    if record.exc_info:
+        text += "\n" + "".join(traceback.format_exception(*record.exc_info))
+    return text
+
+
+def redis_finished(executor, key, future):
+    """Waits for future, then for the store to say that key is done (the store is told
+    after the future's waiters wake: see test_redis_store_says_done_as_soon_as_the_future_is_done)."""
+    value = future.result(timeout=REDIS_WAIT)
+    assert redis_wait_until(lambda: executor.futures.done(key), timeout=REDIS_WAIT)
+    return value
+
+
+def redis_new_key(label):
+    return f"{label}-{uuid.uuid4().hex[:10]}"
+
+
+# In-process tasks (module level, as the suite's are).
+
+
+def redis_add(first, second):
+    return first + second
+
+
+def redis_hold(gate, value):
+    gate.wait(REDIS_WAIT)
+    return value
+
+
+def redis_report_then_hold(gate, done, total, message):
+    report_progress(done, total, message)
+    gate.wait(REDIS_WAIT)
+    return message
+
+
+def redis_return(value):
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Two app servers (gunicorn), standing for two hosts
+
+
+# Tasks run on the Dask cluster: no side effects at import, because Dask workers import it.
+REDIS_DASK_TASKS = """
+import os
+import threading
+import time
+
+
+def wait_for_file_then_double(path, number):
+    deadline = time.monotonic() + 30
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return {
+        "value": number * 2,
+        "pid": os.getpid(),
+        "thread": threading.current_thread().name,
+        "saw_file": os.path.exists(path),
+    }
+"""
+
+REDIS_HOSTS_APP = '''
+"""One app, served by two gunicorn instances that stand for two hosts sharing a Redis store."""
+import os
+import pathlib
+import threading
+
+from flask import Flask, jsonify, request
+
+import redis_dask_tasks
+from flask_executor import Executor, report_progress
+
+app = Flask(__name__)
+app.config["SECRET_KEY"] = os.environ["REDIS_TEST_SECRET_KEY"]
+app.config["EXECUTOR_FUTURES_STORE"] = os.environ["REDIS_TEST_STORE_URL"]
+if os.environ.get("REDIS_TEST_DASK_SCHEDULER"):
+
+    def make_dask_executor(**options):
+        import distributed
+
+        client = distributed.Client(os.environ["REDIS_TEST_DASK_SCHEDULER"], set_as_default=False)
+        return client.get_executor()
+
+    app.config["EXECUTOR_TYPE"] = make_dask_executor
+else:
+    app.config["EXECUTOR_MAX_WORKERS"] = 1  # one task at a time: the next one waits
+executor = Executor(app)
+
+gates = {}
+gates_lock = threading.Lock()
+
+
+def gate(name):
+    with gates_lock:
+        return gates.setdefault(name, threading.Event())
+
+
+def hold(name, value):
+    gate(name).wait(60)
+    return value
+
+
+def report_then_hold(name, done, total, message):
+    report_progress(done, total, message)
+    gate(name).wait(60)
+    return message
+
+
+def add(first, second):
+    return first + second
+
+
+def write_marker(path):
+    pathlib.Path(path).write_text("ran")
+    return path
+
+
+TASKS = {
+    "hold": hold,
+    "report_then_hold": report_then_hold,
+    "add": add,
+    "write_marker": write_marker,
+    "dask_wait_for_file_then_double": redis_dask_tasks.wait_for_file_then_double,
+}
+
+
+def outcome(read):
+    try:
+        return {"kind": "result", "value": read()}
+    except Exception as error:  # what a reader gets, by type and message
+        return {"kind": "exception", "type": type(error).__name__, "message": str(error)}
+
+
+@app.post("/start/<key>")
+def start(key):
+    body = request.get_json()
+    try:
+        executor.submit_stored(key, TASKS[body["task"]], *body["args"])
+    except ValueError as error:
+        return jsonify(started=False, error=str(error)), 409
+    return jsonify(started=True)
+
+
+@app.get("/state/<key>")
+def state(key):
+    futures = executor.futures
+    if key not in futures:
+        return jsonify(found=False)
+    progress = futures.progress(key)
+    return jsonify(
+        found=True,
+        done=futures.done(key),
+        running=futures.running(key),
+        cancelled=futures.cancelled(key),
+        progress=None if progress is None else list(progress),
+    )
+
+
+@app.get("/result/<key>")
+def result(key):
+    if key not in executor.futures:
+        return jsonify(found=False)
+    timeout = float(request.args.get("timeout", "0"))
+    return jsonify(found=True, **outcome(lambda: executor.futures.result(key, timeout=timeout)))
+
+
+@app.post("/cancel/<key>")
+def cancel(key):
+    return jsonify(cancelled=executor.futures.cancel(key))
+
+
+@app.post("/pop/<key>")
+def pop(key):
+    future = executor.futures.pop(key)
+    if future is None:
+        return jsonify(found=False)
+    timeout = float(request.args.get("timeout", "0"))
+    return jsonify(found=True, **outcome(lambda: future.result(timeout)))
+
+
+@app.get("/keys")
+def keys():
+    return jsonify(keys=executor.futures.keys())
+
+
+@app.post("/release/<name>")
+def release(name):
+    gate(name).set()
+    return jsonify(released=True)
+
+
+@app.get("/pid")
+def pid():
+    return jsonify(pid=os.getpid())
+'''
+
+
+def redis_write_app_modules(folder):
+    folder = pathlib.Path(folder)
+    (folder / "redis_hosts_app.py").write_text(REDIS_HOSTS_APP)
+    (folder / "redis_dask_tasks.py").write_text(REDIS_DASK_TASKS)
+
+
+class RedisAppServer:
+    """A gunicorn instance serving redis_hosts_app on a free loopback port: one worker
+    process (so that its pid is known) with threads; stopped by the master's pid."""
+
+    def __init__(self, folder, name, store_url, preload=False, extra_env=None):
+        self.name = name
+        self.port = redis_free_port()
+        env = dict(os.environ)
+        env.update(extra_env or {})
+        env["REDIS_TEST_SECRET_KEY"] = REDIS_SECRET_KEY
+        env["REDIS_TEST_STORE_URL"] = store_url
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(folder), REDIS_MODULE_DIR] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+        )
+        self.log_path = pathlib.Path(folder) / f"gunicorn-{name}.log"
+        arguments = [sys.executable, "-m", "gunicorn", "-w", "1", "--threads", "8"]
+        arguments += ["-b", f"127.0.0.1:{self.port}", "--graceful-timeout", "5", "--timeout", "60"]
+        arguments += ["--chdir", str(folder)] + (["--preload"] if preload else []) + ["redis_hosts_app:app"]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                arguments, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(folder)
+            )
+        if not redis_wait_for_port(self.port, self.process, timeout=REDIS_WAIT):
+            self.stop()
+            raise RuntimeError(f"gunicorn {name} did not start:\n{self.log_text()}")
+
+    def request(self, method, path, body=None, timeout=REDIS_WAIT):
+        """One request on a fresh connection: (status, JSON body)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            headers = {} if body is None else {"Content-Type": "application/json"}
+            connection.request(method, path, body=None if body is None else json.dumps(body), headers=headers)
+            response = connection.getresponse()
+            data = response.read()
+        finally:
+            connection.close()
+        try:
+            return response.status, json.loads(data)
+        except ValueError:
+            raise AssertionError(
+                f"{self.name} {method} {path}: {response.status} {data!r}\n{self.log_text()}"
+            ) from None
+
+    def start(self, key, task, *args):
+        return self.request("POST", f"/start/{key}", {"task": task, "args": list(args)})
+
+    def state(self, key):
+        return self.request("GET", f"/state/{key}")[1]
+
+    def result(self, key, timeout=0):
+        return self.request("GET", f"/result/{key}?timeout={timeout}")[1]
+
+    def pop(self, key, timeout=0):
+        return self.request("POST", f"/pop/{key}?timeout={timeout}")[1]
+
+    def stored_keys(self):
+        return self.request("GET", "/keys")[1]["keys"]
+
+    def release(self, gate):
+        return self.request("POST", f"/release/{gate}")[1]
+
+    def worker_pid(self):
+        """The pid of the worker process, checked to be a child of this gunicorn master."""
+        pid = self.request("GET", "/pid")[1]["pid"]
+        with open(f"/proc/{pid}/stat") as stat:
+            parent = int(stat.read().rpartition(")")[2].split()[1])
+        assert parent == self.process.pid, (pid, parent, self.process.pid)
+        return pid
+
+    def log_text(self):
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self):
+        redis_stop_process(self.process)
+
+
+@contextlib.contextmanager
+def redis_releasing(host, *gates):
+    """Releases the gates on host at the end, even when the test fails: a task left holding
+    a host's one worker would stall the tests that follow."""
+    try:
+        yield
+    finally:
+        for gate in gates:
+            try:
+                host.release(gate)
+            except OSError:
+                pass  # the host's worker was killed, and its gates with it
+
+
+@pytest.fixture(scope="module")
+def redis_hosts(tmp_path_factory):
+    """A Redis server and two gunicorn instances of one app sharing it: ``a`` (forked from a
+    preloaded master, as many deployments run) and ``b``."""
+    folder = tmp_path_factory.mktemp("redis_hosts")
+    redis_write_app_modules(folder)
+    server = RedisTestServer(folder / "redis")
+    started = []
+    try:
+        started.append(RedisAppServer(folder, "a", server.url(), preload=True))
+        started.append(RedisAppServer(folder, "b", server.url()))
+        a, b = started
+        yield types.SimpleNamespace(a=a, b=b, folder=folder, server=server)
+    finally:
+        for app_server in started:
+            app_server.stop()
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process fixtures
+
+
+@pytest.fixture(scope="module")
+def redis_shared_server(tmp_path_factory):
+    server = RedisTestServer(tmp_path_factory.mktemp("redis_shared"))
+    yield server
+    redis_settle_heartbeats()
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_shared_server):
+    """The URL of the module's Redis server, emptied for this test."""
+    url = redis_shared_server.url()
+    redis_client(url).flushall()
+    return url
+
+
+@pytest.fixture
+def redis_servers(tmp_path):
+    """Factory of Redis servers of this test: start(*options, tls=None). Each is stopped at
+    teardown, once this process's heartbeats have gone quiet."""
+    started = []
+
+    def start(*options, tls=None):
+        server = RedisTestServer(tmp_path / f"redis-{len(started)}", *options, tls=tls)
+        started.append(server)
+        return server
+
+    yield start
+    if started:
+        redis_settle_heartbeats()
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def redis_gates():
+    """Factory of threading.Events that hold tasks; all are set at teardown."""
+    made = []
+
+    def make():
+        gate = threading.Event()
+        made.append(gate)
+        return gate
+
+    make.made = made
+    yield make
+    for gate in made:
+        gate.set()
+
+
+@pytest.fixture
+def redis_executors(redis_servers, redis_gates):
+    """Factory: make(store, tag, secret=REDIS_SECRET_KEY, **config) -> (app, executor), each
+    executor bound to an app of its own (its own logger name) that names the store. At
+    teardown, the gates are set and every executor is shut down, before any server stops."""
+    made = []
+
+    def make(store, tag, secret=REDIS_SECRET_KEY, **config):
+        app = Flask(f"redis_{tag}_{uuid.uuid4().hex[:8]}")
+        app.config.update(SECRET_KEY=secret, EXECUTOR_FUTURES_STORE=store, **config)
+        executor = Executor(app)
+        made.append(executor)
+        return app, executor
+
+    yield make
+    for gate in redis_gates.made:
+        gate.set()
+    for executor in made:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(params=["redis", "sqlite"])
+def redis_or_sqlite_store(request, tmp_path):
+    """The store of the test: Redis, and the SQLite store whose contract it has, as reference."""
+    if request.param == "redis":
+        return request.getfixturevalue("redis_url")
+    return str(tmp_path / "futures.db")
+
+
+# ---------------------------------------------------------------------------------------------
+# Two hosts: A and B, gunicorn instances of one app, sharing one Redis
+
+
+@pytest.mark.timeout(120)
+def test_redis_task_started_on_one_host_is_read_and_popped_on_the_other(redis_hosts):
+    a, b = redis_hosts.a, redis_hosts.b
+    key = redis_new_key("sum")
+    assert a.start(key, "add", 40, 2) == (200, {"started": True})
+
+    assert b.result(key, timeout=20) == {"found": True, "kind": "result", "value": 42}
+    assert b.state(key) == {
+        "found": True,
+        "done": True,
+        "running": False,
+        "cancelled": False,
+        "progress": None,
+    }
+    assert key in b.stored_keys()
+    assert key in a.stored_keys()
+
+    assert b.pop(key, timeout=5) == {"found": True, "kind": "result", "value": 42}
+    assert a.state(key) == {"found": False}
+    assert b.state(key) == {"found": False}
+    assert key not in a.stored_keys()
+    assert b.pop(key) == {"found": False}
+
+
+@pytest.mark.timeout(120)
+def test_redis_key_popped_on_one_host_while_running_on_the_other_is_free_and_the_popper_gets_the_result(
+    redis_hosts,
+):
+    a, b = redis_hosts.a, redis_hosts.b
+    key, gate = redis_new_key("popped-running"), redis_new_key("gate")
+    with redis_releasing(a, gate):
+        assert a.start(key, "hold", gate, "first")[0] == 200
+        assert redis_wait_until(lambda: b.state(key).get("running")), b.state(key)
+
+        with concurrent.futures.ThreadPoolExecutor(1) as client:
+            popped = client.submit(b.pop, key, 20)  # waits on B for the result
+            assert redis_wait_until(lambda: key not in a.stored_keys()), a.stored_keys()
+            assert b.state(key) == {"found": False}
+            # The key is free at once: A takes it again while the popped task still runs.
+            assert a.start(key, "add", 1, 1) == (200, {"started": True})
+            assert not popped.done()
+            a.release(gate)
+            assert popped.result(timeout=REDIS_WAIT) == {"found": True, "kind": "result", "value": "first"}
+
+    assert b.result(key, timeout=20) == {"found": True, "kind": "result", "value": 2}
+    assert b.pop(key)["value"] == 2
+
+
+def redis_start_blocker_and_waiting_task(hosts, marker):
+    """On A, whose one worker runs one task at a time: a blocker, running, and a task that
+    writes marker, waiting behind it. Returns (blocker key, waiting key, gate)."""
+    a, b = hosts.a, hosts.b
+    blocker, waiting, gate = redis_new_key("blocker"), redis_new_key("waiting"), redis_new_key("gate")
+    assert a.start(blocker, "hold", gate, "blocker")[0] == 200
+    assert redis_wait_until(lambda: b.state(blocker).get("running")), b.state(blocker)
+    assert a.start(waiting, "write_marker", str(marker))[0] == 200
+    assert b.state(waiting) == {
+        "found": True,
+        "done": False,
+        "running": False,
+        "cancelled": False,
+        "progress": None,
+    }
+    return blocker, waiting, gate
+
+
+@pytest.mark.timeout(120)
+def test_redis_waiting_task_cancelled_from_another_host_never_runs_and_is_not_reported_lost(redis_hosts):
+    a, b = redis_hosts.a, redis_hosts.b
+    marker = redis_hosts.folder / f"{uuid.uuid4().hex}.ran"
+    blocker, waiting, gate = redis_start_blocker_and_waiting_task(redis_hosts, marker)
+    after = redis_new_key("after")
+    with redis_releasing(a, gate):
+        assert b.request("POST", f"/cancel/{waiting}") == (200, {"cancelled": True})
+        assert b.state(waiting)["cancelled"] is True
+        assert b.result(waiting)["type"] == "CancelledError"
+
+        a.release(gate)
+        assert b.result(blocker, timeout=20)["value"] == "blocker"
+        # A's one worker takes tasks in order: once a later task has run, it has passed the cancelled one.
+        assert a.start(after, "add", 2, 3)[0] == 200
+        assert b.result(after, timeout=20)["value"] == 5
+    assert not marker.exists()
+    assert a.state(waiting)["cancelled"] is True
+    assert a.result(waiting)["type"] == "CancelledError"
+    for key in (blocker, waiting, after):
+        assert b.pop(key)["found"]
+    # A learnt of the cancel from the store: nothing was lost, and its log must not say so.
+    assert [line for line in a.log_text().splitlines() if waiting in line] == []
+
+
+@pytest.mark.timeout(120)
+def test_redis_task_cancelled_from_another_host_reads_as_cancelled_at_once_on_the_host_that_accepted_it(
+    redis_hosts,
+):
+    a, b = redis_hosts.a, redis_hosts.b
+    marker = redis_hosts.folder / f"{uuid.uuid4().hex}.ran"
+    blocker, waiting, gate = redis_start_blocker_and_waiting_task(redis_hosts, marker)
+    with redis_releasing(a, gate):
+        assert b.request("POST", f"/cancel/{waiting}") == (200, {"cancelled": True})
+        # While A's worker is still busy with the blocker, A answers as B does.
+        assert a.state(waiting) == b.state(waiting)
+        assert a.state(waiting)["cancelled"] is True
+        assert a.result(waiting, timeout=1)["type"] == "CancelledError"
+    assert b.result(blocker, timeout=20)["value"] == "blocker"
+    assert not marker.exists()
+    for key in (blocker, waiting):
+        b.pop(key)
+
+
+@pytest.mark.timeout(120)
+def test_redis_duplicate_start_on_another_host_of_a_key_running_on_the_first_is_refused_and_never_runs(
+    redis_hosts,
+):
+    a, b = redis_hosts.a, redis_hosts.b
+    key, gate = redis_new_key("duplicate"), redis_new_key("gate")
+    marker = redis_hosts.folder / f"{key}.ran"
+    with redis_releasing(a, gate):
+        assert a.start(key, "hold", gate, "from A")[0] == 200
+        assert redis_wait_until(lambda: b.state(key).get("running")), b.state(key)
+
+        status, body = b.start(key, "write_marker", str(marker))
+        assert status == 409
+        assert body["started"] is False
+        assert "already in use" in body["error"]
+        assert key in body["error"]
+
+        a.release(gate)
+        assert b.result(key, timeout=20) == {"found": True, "kind": "result", "value": "from A"}
+    assert not marker.exists()
+    assert a.pop(key)["value"] == "from A"
+
+
+@pytest.mark.timeout(120)
+def test_redis_progress_reported_on_one_host_is_read_on_the_other(redis_hosts):
+    a, b = redis_hosts.a, redis_hosts.b
+    key, gate = redis_new_key("progress"), redis_new_key("gate")
+    with redis_releasing(a, gate):
+        assert a.start(key, "report_then_hold", gate, 3, 4, "three of four")[0] == 200
+        assert redis_wait_until(lambda: b.state(key).get("progress") == [3, 4, "three of four"]), b.state(key)
+        assert b.state(key)["running"] is True
+        a.release(gate)
+        assert b.result(key, timeout=20)["value"] == "three of four"
+    assert b.state(key)["progress"] == [3, 4, "three of four"]
+    assert b.pop(key)["found"]
+
+
+@pytest.mark.timeout(120)
+def test_redis_task_of_a_killed_worker_is_read_as_lost_on_the_other_host_and_a_live_hosts_task_is_not(
+    redis_hosts,
+):
+    a, b = redis_hosts.a, redis_hosts.b
+    doomed, live = redis_new_key("doomed"), redis_new_key("live")
+    doomed_gate, live_gate = redis_new_key("gate"), redis_new_key("gate")
+    with redis_releasing(a, doomed_gate), redis_releasing(b, live_gate):
+        assert a.start(doomed, "hold", doomed_gate, "never")[0] == 200
+        assert b.start(live, "hold", live_gate, "alive")[0] == 200
+        live_started = time.monotonic()
+        assert redis_wait_until(lambda: b.state(doomed).get("running")), b.state(doomed)
+        assert a.state(live)["running"] is True
+
+        old_worker = a.worker_pid()
+        os.kill(old_worker, signal.SIGKILL)  # a worker of the gunicorn this module started
+
+        # Lost once A's heartbeat expires (5 s); 15 s is the bound.
+        assert redis_wait_until(lambda: b.state(doomed).get("done"), timeout=15), b.state(doomed)
+        lost = b.result(doomed)
+        assert lost["kind"] == "exception"
+        assert lost["type"] == "TaskLost"
+        assert doomed in lost["message"]
+        # A's new worker (gunicorn starts one) reads the same.
+        assert a.result(doomed)["type"] == "TaskLost"
+        assert a.worker_pid() != old_worker
+
+        # B's task has run longer than the heartbeat expiry, and B is alive: it is not lost.
+        time.sleep(max(0.0, REDIS_LOST_AFTER + 2 - (time.monotonic() - live_started)))
+        assert a.state(live) == {
+            "found": True,
+            "done": False,
+            "running": True,
+            "cancelled": False,
+            "progress": None,
+        }
+        b.release(live_gate)
+        assert a.result(live, timeout=20) == {"found": True, "kind": "result", "value": "alive"}
+    assert a.pop(live)["found"]
+    assert a.pop(doomed)["found"]
+
+
+# ---------------------------------------------------------------------------------------------
+# No way in through Redis: what is unpickled must carry the app's signature
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("signature", ["missing", "wrong"])
+def test_redis_forged_outcome_is_refused_never_unpickled_and_logged(
+    redis_url, redis_executors, tmp_path, caplog, signature
+):
+    redis_assert_payload_is_live(tmp_path)
+    _, runner = redis_executors(redis_url, "runner")
+    reader_app, reader = redis_executors(redis_url, "reader")
+    assert redis_finished(runner, "report", runner.submit_stored("report", redis_add, 40, 2)) == 42
+    assert reader.futures.result("report", timeout=REDIS_WAIT) == 42
+
+    marker = tmp_path / "outcome-unpickled"
+    payload = redis_marker_pickle(marker)
+    forged = payload if signature == "missing" else os.urandom(32) + payload
+    client = redis_client(redis_url)
+    client.hset(redis_entry_name(redis_entry_id(client, "report")), "outcome", forged)
+
+    assert reader.futures.done("report") is True
+    with pytest.raises(StoreError, match="signature"):
+        reader.futures.result("report", timeout=5)
+    with pytest.raises(StoreError, match="signature"):
+        reader.futures.exception("report", timeout=5)
+    assert not marker.exists()
+    errors = [
+        r for r in redis_app_records(caplog, reader_app, logging.ERROR) if "signature" in r.getMessage()
+    ]
+    assert errors
+    assert "outcome" in errors[0].getMessage()
+
+
+@pytest.mark.timeout(60)
+def test_redis_outcome_signed_with_another_secret_key_is_refused_never_unpickled_and_logged(
+    redis_url, redis_executors, tmp_path, caplog
+):
+    redis_assert_payload_is_live(tmp_path)
+    marker = tmp_path / "other-key-unpickled"
+    # An app with another SECRET_KEY, naming the same store, stores a result whose unpickling runs code.
+    _, other = redis_executors(redis_url, "other", secret="not-the-secret-key")
+    reader_app, reader = redis_executors(redis_url, "reader")
+    redis_finished(other, "planted", other.submit_stored("planted", redis_return, RedisMarkerPayload(marker)))
+
+    assert reader.futures.done("planted") is True
+    with pytest.raises(StoreError, match="signature"):
+        reader.futures.result("planted", timeout=5)
+    assert not marker.exists()
+    assert [r for r in redis_app_records(caplog, reader_app, logging.ERROR) if "signature" in r.getMessage()]
+
+
+@pytest.mark.timeout(60)
+def test_redis_forged_progress_is_refused_never_unpickled_and_logged(
+    redis_url, redis_executors, redis_gates, tmp_path, caplog
+):
+    redis_assert_payload_is_live(tmp_path)
+    _, runner = redis_executors(redis_url, "runner")
+    reader_app, reader = redis_executors(redis_url, "reader")
+    gate = redis_gates()
+    future = runner.submit_stored("import", redis_report_then_hold, gate, 1, 2, "half")
+    assert redis_wait_until(lambda: reader.futures.progress("import") == Progress(1, 2, "half"))
+
+    marker = tmp_path / "progress-unpickled"
+    client = redis_client(redis_url)
+    client.hset(
+        redis_entry_name(redis_entry_id(client, "import")),
+        "progress",
+        os.urandom(32) + redis_marker_pickle(marker),
+    )
+
+    with pytest.raises(StoreError, match="signature"):
+        reader.futures.progress("import")
+    assert not marker.exists()
+    errors = [
+        r for r in redis_app_records(caplog, reader_app, logging.ERROR) if "signature" in r.getMessage()
+    ]
+    assert errors
+    assert "progress" in errors[0].getMessage()
+
+    # The task's own last report replaces the forgery when it finishes.
+    gate.set()
+    assert redis_finished(runner, "import", future) == "half"
+    assert reader.futures.progress("import") == Progress(1, 2, "half")
+    assert not marker.exists()
+
+
+@pytest.mark.timeout(60)
+def test_redis_whole_fake_entry_under_a_key_is_refused_never_unpickled_and_logged(
+    redis_url, redis_executors, tmp_path, caplog
+):
+    redis_assert_payload_is_live(tmp_path)
+    reader_app, reader = redis_executors(redis_url, "reader")
+    finished_marker, running_marker = (
+        tmp_path / "fake-outcome-unpickled",
+        tmp_path / "fake-progress-unpickled",
+    )
+    client = redis_client(redis_url)
+    fake_outcome = os.urandom(32) + redis_marker_pickle(finished_marker)
+    redis_plant_entry(
+        client,
+        "fake",
+        10**9,
+        {"key": "s:fake", "state": "FINISHED", "owner": "intruder", "outcome": fake_outcome},
+    )
+    fake_progress = redis_marker_pickle(running_marker)  # no signature at all
+    # A live-looking owner, so that the reader does not take the task for lost.
+    client.set("flask_executor:owner:intruder", 1, ex=60)
+    redis_plant_entry(
+        client,
+        "fake-running",
+        10**9 + 1,
+        {"key": "s:fake-running", "state": "RUNNING", "owner": "intruder", "progress": fake_progress},
+    )
+
+    assert "fake" in reader.futures
+    assert reader.futures.done("fake") is True
+    with pytest.raises(StoreError, match="signature"):
+        reader.futures.result("fake", timeout=5)
+    assert reader.futures.running("fake-running") is True
+    with pytest.raises(StoreError, match="signature"):
+        reader.futures.progress("fake-running")
+    assert not finished_marker.exists()
+    assert not running_marker.exists()
+    errors = [
+        r for r in redis_app_records(caplog, reader_app, logging.ERROR) if "signature" in r.getMessage()
+    ]
+    assert len(errors) >= 2
+
+
+@pytest.mark.timeout(60)
+def test_redis_signed_outcome_moved_to_another_key_is_refused_and_logged(redis_url, redis_executors, caplog):
+    # Someone who can write to Redis, but has no SECRET_KEY, copies the outcome of one task
+    # (signed by the app) into the entry of another: a reader of the second must not get the
+    # first one's result (one user's report shown to another).
+    _, runner = redis_executors(redis_url, "runner")
+    reader_app, reader = redis_executors(redis_url, "reader")
+    redis_finished(runner, "alice-report", runner.submit_stored("alice-report", redis_return, "alice's data"))
+    redis_finished(runner, "bob-report", runner.submit_stored("bob-report", redis_return, "bob's data"))
+    client = redis_client(redis_url)
+    alice, bob = redis_entry_id(client, "alice-report"), redis_entry_id(client, "bob-report")
+    client.hset(redis_entry_name(bob), "outcome", client.hget(redis_entry_name(alice), "outcome"))
+
+    assert reader.futures.result("alice-report", timeout=5) == "alice's data"
+    with pytest.raises(StoreError, match="signature"):
+        reader.futures.result("bob-report", timeout=5)
+    assert [r for r in redis_app_records(caplog, reader_app, logging.ERROR) if "bob-report" in r.getMessage()]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("missing", ["key", "owner"])
+def test_redis_fake_entry_with_a_field_missing_gives_store_error_and_is_logged(
+    redis_url, redis_executors, tmp_path, caplog, missing
+):
+    redis_assert_payload_is_live(tmp_path)
+    reader_app, reader = redis_executors(redis_url, "reader")
+    marker = tmp_path / "malformed-unpickled"
+    fields = {"key": "s:malformed", "state": "FINISHED", "owner": "intruder"}
+    fields["outcome"] = os.urandom(32) + redis_marker_pickle(marker)
+    del fields[missing]
+    redis_plant_entry(redis_client(redis_url), "malformed", 10**9, fields)
+
+    with pytest.raises(StoreError):
+        reader.futures.result("malformed", timeout=5)
+    assert not marker.exists()
+    assert redis_app_records(caplog, reader_app, logging.ERROR)
+
+
+# ---------------------------------------------------------------------------------------------
+# Passwords and TLS
+
+
+@pytest.mark.timeout(60)
+def test_redis_store_with_a_password_in_the_url_shares_tasks(redis_servers, redis_executors):
+    server = redis_servers("--requirepass", "s3cret-pass")
+    url = server.url(password="s3cret-pass")
+    _, a = redis_executors(url, "a")
+    _, b = redis_executors(url, "b")
+    assert redis_finished(a, "guarded", a.submit_stored("guarded", redis_add, 20, 22)) == 42
+    assert b.futures.keys() == ["guarded"]
+    assert b.futures.result("guarded", timeout=REDIS_WAIT) == 42
+    assert b.futures.pop("guarded").result(timeout=REDIS_WAIT) == 42
+    assert "guarded" not in a.futures
+
+
+@pytest.mark.timeout(60)
+def test_redis_wrong_or_missing_password_fails_at_init_app_with_a_value_error_that_hides_it(
+    redis_servers, redis_executors, caplog
+):
+    server = redis_servers("--requirepass", "right-pass-4711")
+    app, executor = redis_executors(server.url(password="right-pass-4711"), "bound")
+
+    for url in (server.url(password="wrong-pass-0815"), server.url()):
+        other = Flask(f"redis_wrong_{uuid.uuid4().hex[:8]}")
+        other.config.update(SECRET_KEY=REDIS_SECRET_KEY, EXECUTOR_FUTURES_STORE=url)
+        with pytest.raises(ValueError, match="EXECUTOR_FUTURES_STORE") as raised:
+            executor.init_app(other)
+        shown = "".join(traceback.format_exception(raised.value))
+        assert "wrong-pass-0815" not in shown
+        assert "right-pass-4711" not in shown
+        assert f"127.0.0.1:{server.port}" in str(raised.value)  # it says which store
+
+    # Nothing changed: the executor still uses the store it was bound to.
+    assert executor.submit_stored("still-bound", redis_add, 1, 1).result(timeout=REDIS_WAIT) == 2
+    assert redis_client(server.url(password="right-pass-4711")).hexists(
+        REDIS_PREFIX + ":keys", "s:still-bound"
+    )
+    assert "wrong-pass-0815" not in caplog.text
+
+
+@pytest.fixture
+def redis_tls_server(redis_servers, tmp_path):
+    """A redis-server whose port speaks TLS only, with a self-signed certificate for
+    127.0.0.1 made here, and a password; skips when openssl or TLS support is missing."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not installed: it makes the certificate of the TLS test")
+    cert, key = tmp_path / "redis-cert.pem", tmp_path / "redis-key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    try:
+        server = redis_servers("--requirepass", "tls-pass-1234", tls=(cert, key))
+    except RuntimeError as error:
+        if "tls" in str(error).lower():
+            pytest.skip(f"this redis-server has no TLS support (built without BUILD_TLS=yes): {error}")
+        raise
+    server.cert = cert
+    return server
+
+
+@pytest.mark.timeout(60)
+def test_redis_store_over_tls_with_a_password_shares_tasks(redis_tls_server, redis_executors):
+    server = redis_tls_server
+    trusting = server.url(
+        password="tls-pass-1234", query="ssl_ca_certs=" + urllib.parse.quote(str(server.cert))
+    )
+    unchecked = server.url(password="tls-pass-1234", query="ssl_cert_reqs=none")
+    assert trusting.startswith("rediss://")
+    _, a = redis_executors(trusting, "tls_a")
+    _, b = redis_executors(unchecked, "tls_b")
+    assert a.submit_stored("encrypted", redis_add, 40, 2).result(timeout=REDIS_WAIT) == 42
+    assert b.futures.result("encrypted", timeout=REDIS_WAIT) == 42
+    assert b.futures.pop("encrypted").result(timeout=REDIS_WAIT) == 42
+    assert a.futures.keys() == []
+
+
+@pytest.mark.timeout(60)
+def test_redis_tls_store_refuses_an_untrusted_certificate_and_plain_connections_at_init_app(redis_tls_server):
+    server = redis_tls_server
+    untrusted = server.url(password="tls-pass-1234")  # rediss://, and the certificate is self-signed
+    plain = server.url(password="tls-pass-1234", scheme="redis")
+    for url in (untrusted, plain):
+        app = Flask(f"redis_tls_refused_{uuid.uuid4().hex[:8]}")
+        app.config.update(SECRET_KEY=REDIS_SECRET_KEY, EXECUTOR_FUTURES_STORE=url)
+        with pytest.raises(ValueError, match="EXECUTOR_FUTURES_STORE") as raised:
+            Executor(app)
+        assert "tls-pass-1234" not in "".join(traceback.format_exception(raised.value))
+
+
+# ---------------------------------------------------------------------------------------------
+# Without redis-py
+
+
+REDIS_NO_REDIS_PY_SCRIPT = """
+import importlib.util
+import json
+
+result = {"redis_found": importlib.util.find_spec("redis") is not None}
+from flask import Flask
+
+import flask_executor
+
+result["module"] = flask_executor.__file__
+app = Flask("no_redis_py")
+app.config.update(SECRET_KEY="s", EXECUTOR_FUTURES_STORE="redis://:hidden-pass-99@127.0.0.1:1/0")
+try:
+    flask_executor.Executor(app)
+except ValueError as error:
+    result["error"] = str(error)
+print(json.dumps(result))
+"""
+
+
+def redis_flask_distributions():
+    """Flask and every distribution it requires, as installed here (optional ones skipped)."""
+    found = {}
+    pending = ["flask"]
+    while pending:
+        name = pending.pop()
+        try:
+            distribution = importlib.metadata.distribution(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # a requirement for other Pythons, not installed here
+        canonical = re.sub(r"[-_.]+", "-", distribution.metadata["Name"]).lower()
+        if canonical in found:
+            continue
+        found[canonical] = distribution
+        for requirement in distribution.requires or []:
+            if "extra ==" not in requirement:
+                pending.append(re.match(r"[A-Za-z0-9._-]+", requirement).group(0))
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_redis_store_without_redis_py_fails_at_init_app_saying_pip_install_redis(tmp_path):
+    # A fresh virtual environment with only Flask (and what it requires) in it: the installed
+    # distributions are linked in, so that no package index is needed.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    python = venv / "bin" / "python"
+    site_packages = pathlib.Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout.strip()
+    )
+    distributions = redis_flask_distributions()
+    assert "redis" not in distributions
+    for distribution in distributions.values():
+        tops = {pathlib.PurePath(str(file)).parts[0] for file in distribution.files or []}
+        for top in tops:
+            if top == ".." or top == "__pycache__":
+                continue  # scripts in bin/, and caches
+            source = pathlib.Path(distribution.locate_file(top))
+            if source.exists() and not (site_packages / top).exists():
+                (site_packages / top).symlink_to(source)
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(flask_executor.__file__, project / "flask_executor.py")
+    (project / "check_store.py").write_text(REDIS_NO_REDIS_PY_SCRIPT)
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PYTHON")}
+    done = subprocess.run(
+        [str(python), "-s", "check_store.py"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["redis_found"] is False
+    assert pathlib.Path(result["module"]).resolve() == (project / "flask_executor.py").resolve()
+    assert "pip install redis" in result["error"]
+    assert "EXECUTOR_FUTURES_STORE" in result["error"]
+    assert "hidden-pass-99" not in result["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The store and the futures agree
+
+
+@pytest.mark.timeout(60)
+def test_redis_store_says_done_as_soon_as_the_future_is_done(redis_or_sqlite_store, redis_executors):
+    # A view that waited for a task and then sends the client to fetch the result, from this
+    # process or another, must not have the store answer "still running", not even while the
+    # task's done callbacks run (here one that takes a while, as sending an email does).
+    store = redis_or_sqlite_store
+    own_app, own = redis_executors(store, "own", EXECUTOR_FUTURES_MAX_LENGTH=0)
+    _, other = redis_executors(store, "other", EXECUTOR_FUTURES_MAX_LENGTH=0)
+    own.add_default_done_callback(lambda future: time.sleep(0.2))
+    stale_own, stale_other = [], []
+    for number in range(5):
+        key = f"task-{number}"
+        future = own.submit_stored(key, redis_add, number, 1)
+        assert future.result(timeout=REDIS_WAIT) == number + 1
+        if own.futures.done(key) is not True:
+            stale_own.append(key)
+        if other.futures.done(key) is not True:
+            stale_other.append(key)
+    assert stale_own == [], f"{len(stale_own)} of 5 read as unfinished by the executor whose future was done"
+    assert stale_other == [], f"{len(stale_other)} of 5 read as unfinished by another executor"
+
+
+# ---------------------------------------------------------------------------------------------
+# Max length and TTL, store-wide, as the SQLite store has them
+
+
+@pytest.mark.timeout(60)
+def test_redis_max_length_is_store_wide_and_drops_finished_entries_first_oldest_first(
+    redis_or_sqlite_store, redis_executors, redis_gates, caplog
+):
+    store = redis_or_sqlite_store
+    config = {"EXECUTOR_FUTURES_MAX_LENGTH": 3, "EXECUTOR_MAX_WORKERS": 4}
+    app_a, a = redis_executors(store, "length_a", **config)
+    _, b = redis_executors(store, "length_b", **config)
+    gate = redis_gates()
+
+    u1 = a.submit_stored("u1", redis_hold, gate, "u1")
+    assert redis_finished(b, "f2", b.submit_stored("f2", redis_add, 1, 1)) == 2
+    assert redis_finished(a, "f3", a.submit_stored("f3", redis_add, 1, 2)) == 3
+    assert b.futures.keys() == ["u1", "f2", "f3"]
+    # Full: the oldest finished entry goes, not the older unfinished one.
+    assert redis_finished(b, "f4", b.submit_stored("f4", redis_add, 1, 3)) == 4
+    assert a.futures.keys() == ["u1", "f3", "f4"]
+    a.submit_stored("u5", redis_hold, gate, "u5")
+    assert b.futures.keys() == ["u1", "f4", "u5"]
+    b.submit_stored("u6", redis_hold, gate, "u6")
+    assert a.futures.keys() == ["u1", "u5", "u6"]
+    assert b.futures.done("f2") is None and a.futures.done("f3") is None
+
+    # Nothing finished: the oldest of all goes, with a warning from the executor that added.
+    a.submit_stored("u7", redis_hold, gate, "u7")
+    assert b.futures.keys() == ["u5", "u6", "u7"]
+    assert len(a.futures) == len(b.futures) == 3
+    assert b.futures.done("u1") is None
+    warnings = [r.getMessage() for r in redis_app_records(caplog, app_a, logging.WARNING)]
+    assert any("'u1'" in message and "Stopped tracking" in message for message in warnings), warnings
+
+    gate.set()
+    assert u1.result(timeout=REDIS_WAIT) == "u1"  # dropped from the store, still run
+    if store.startswith("redis"):
+        entries = redis_client(store).keys(REDIS_PREFIX + ":e:*")
+        assert len(entries) == 3  # dropped entries leave nothing behind in Redis
+
+
+@pytest.mark.timeout(60)
+def test_redis_ttl_removes_finished_entries_for_every_process_and_keeps_unfinished_ones(
+    redis_or_sqlite_store, redis_executors, redis_gates
+):
+    store = redis_or_sqlite_store
+    ttl = 1.0
+    _, a = redis_executors(store, "ttl_a", EXECUTOR_FUTURES_TTL=ttl)
+    _, b = redis_executors(store, "ttl_b", EXECUTOR_FUTURES_TTL=ttl)
+    gate = redis_gates()
+    client = redis_client(store) if store.startswith("redis") else None
+
+    assert redis_finished(a, "old", a.submit_stored("old", redis_add, 1, 2)) == 3
+    assert b.futures.done("old") is True  # there for the other process too
+    old_entry = client and redis_entry_id(client, "old")
+    long = b.submit_stored("long", redis_hold, gate, "long")
+    old_finished = time.monotonic()
+
+    # Past the TTL of "old" (and "long", unfinished, older than it): keys() and len() come
+    # first, before any read of "old" could remove it on the way.
+    time.sleep(max(0.0, 2 * ttl - (time.monotonic() - old_finished)))
+    assert b.futures.keys() == ["long"]
+    assert len(a.futures) == 1
+    assert b.futures.done("old") is None
+    assert "old" not in a.futures
+    assert a.futures.running("long") is True
+    # An expired key is free again.
+    assert a.submit_stored("old", redis_add, 2, 2).result(timeout=REDIS_WAIT) == 4
+    assert b.futures.keys() == ["long", "old"]
+
+    gate.set()
+    assert redis_finished(b, "long", long) == "long"
+    long_entry = client and redis_entry_id(client, "long")
+    assert redis_wait_until(lambda: a.futures.done("long") is None, timeout=10)
+    if client is not None:
+        assert not client.exists(redis_entry_name(old_entry))
+        assert not client.exists(redis_entry_name(long_entry))
+
+
+# ---------------------------------------------------------------------------------------------
+# A Redis outage
+
+
+@pytest.mark.timeout(60)
+def test_redis_outage_while_tasks_run_leaves_the_pool_running_tasks(
+    redis_servers, redis_executors, redis_gates
+):
+    server = redis_servers()
+    _, executor = redis_executors(server.url(), "outage", EXECUTOR_MAX_WORKERS=1)
+    gate = redis_gates()
+    first = executor.submit_stored("first", redis_hold, gate, "first")
+    second = executor.submit_stored("second", redis_add, 1, 2)  # accepted, waits for the one worker
+    assert redis_wait_until(lambda: executor.futures.running("first"))
+
+    server.stop()  # the store goes away while "first" runs and "second" waits
+    try:
+        gate.set()
+        assert first.result(timeout=REDIS_WAIT) == "first"  # this process has it, store or not
+        done, _ = concurrent.futures.wait([second], timeout=10)
+        assert second in done, "a task accepted before the outage never completed"
+        assert executor.submit(redis_add, 2, 3).result(timeout=10) == 5
+    finally:
+        server.restart()  # so that this process's heartbeat can say it is done, and go quiet
+
+
+# ---------------------------------------------------------------------------------------------
+# Dask and Redis together: tasks run on a Dask cluster, their state in Redis, two app servers
+
+
+@pytest.fixture
+def redis_dask_cluster(tmp_path):
+    """A Dask cluster on 127.0.0.1 whose workers are threads of this process (reached over
+    TCP by the app servers); the task module's folder is on sys.path for them."""
+    import distributed  # here: only this test needs Dask
+
+    folder = tmp_path / "app"
+    folder.mkdir()
+    redis_write_app_modules(folder)
+    sys.path.insert(0, str(folder))
+    cluster = distributed.LocalCluster(
+        n_workers=1,
+        threads_per_worker=2,
+        processes=False,
+        host="127.0.0.1",
+        protocol="tcp",
+        dashboard_address=None,
+    )
+    try:
+        yield types.SimpleNamespace(cluster=cluster, folder=folder)
+    finally:
+        cluster.close()
+        sys.path.remove(str(folder))
+        sys.modules.pop("redis_dask_tasks", None)
+
+
+@pytest.mark.timeout(120)
+def test_redis_task_submitted_on_one_app_server_runs_on_dask_and_the_other_reads_its_state_and_result(
+    redis_servers, redis_dask_cluster
+):
+    server = redis_servers()
+    folder = redis_dask_cluster.folder
+    scheduler = redis_dask_cluster.cluster.scheduler_address
+    started = []
+    try:
+        started.append(
+            RedisAppServer(folder, "dask-a", server.url(), extra_env={"REDIS_TEST_DASK_SCHEDULER": scheduler})
+        )
+        started.append(RedisAppServer(folder, "dask-b", server.url()))
+        a, b = started
+        key, go = redis_new_key("on-dask"), folder / "go"
+
+        assert a.start(key, "dask_wait_for_file_then_double", str(go), 21) == (200, {"started": True})
+        assert redis_wait_until(lambda: b.state(key).get("running")), (b.state(key), a.log_text())
+        go.write_text("go")
+        answer = b.result(key, timeout=REDIS_WAIT)
+        assert answer["kind"] == "result", (answer, a.log_text())
+        ran = answer["value"]
+        assert ran["value"] == 42
+        assert ran["saw_file"] is True
+        assert ran["pid"] == os.getpid()  # on the Dask worker, a thread of this process, not in gunicorn
+        assert "Dask" in ran["thread"]
+        assert a.state(key) == {
+            "found": True,
+            "done": True,
+            "running": False,
+            "cancelled": False,
+            "progress": None,
+        }
+        assert b.pop(key)["value"]["value"] == 42
+        assert a.state(key) == {"found": False}
+    finally:
+        for app_server in started:
+            app_server.stop()
