@@ -170,6 +170,7 @@ class Executor(concurrent.futures.Executor):
             self._shut_down = False
         self.futures.max_length = config.futures_max_length or None
         self.futures.logger = app.logger
+        self.futures._store_key = config.prefix + "FUTURES_STORE"
         self.futures._use(store)
         _apps_for_forked_workers[config.app_key] = app
         app.extensions[self.name + "executor"] = self
@@ -483,6 +484,7 @@ class FutureCollection:
         self._futures: Any = self._store.futures
         self._eviction_warnings = _WarningLimiter()
         self._forked = False
+        self._store_key = "EXECUTOR_FUTURES_STORE"
 
     def add(self, future_key: Hashable, future: concurrent.futures.Future[Any]) -> None:
         """Keeps ``future`` under ``future_key``.
@@ -496,8 +498,9 @@ class FutureCollection:
             self.logger.warning(
                 "Stored futures are kept per process, and this process was forked from the one that"
                 " bound the executor (gunicorn --preload, uWSGI): a request that another worker"
-                " serves will not find key %r. Set EXECUTOR_FUTURES_STORE to share them.",
+                " serves will not find key %r. Set %s to share them.",
                 future_key,
+                self._store_key,
             )
         for key in self._store.add(future_key, future, self.max_length or 0):
             self._eviction_warnings.warn(
@@ -797,7 +800,9 @@ class FuturesStore(Protocol):
         """How many keys are in use."""
 
     def beat(self, owner: str, alive: bool) -> None:
-        """Marks ``owner`` alive now; with ``alive=False``, forgets it."""
+        """Marks ``owner`` alive now. ``alive=False`` says it has no unfinished task
+        left: the store may let its sign of life lapse (but not delete it at once,
+        which would race a claim made meanwhile)."""
 
     def after_fork(self) -> None:
         """Called in a new process forked from this one: drop connections."""
@@ -2123,6 +2128,9 @@ class _SharedStore:
         if local is None:
             return _StoredFuture(self, record, popped=True)
         if record.state in _UNFINISHED:  # the store kept it for a reader in another process
+            entry = getattr(local, "_entry", None)
+            if entry is not None:
+                entry.released = True
             self.backend.delete(record.id)
         return local
 
@@ -2201,17 +2209,20 @@ class _Entry:
     """The store's record of one task this process accepted: the task's future
     reports each change of state to it, and it writes the change to the store."""
 
-    __slots__ = ("id", "key", "last_progress", "store")
+    __slots__ = ("finished", "id", "key", "last_progress", "released", "store")
 
     def __init__(self, store: _SharedStore, entry_id: Any, key: Hashable) -> None:
         self.store = store
         self.id = entry_id
         self.key = key
         self.last_progress = 0.0
+        self.finished = False
+        self.released = False  # popped by this process before it started: runs untracked
 
     def start(self) -> bool:
         """Whether the task may run: not when it was cancelled in another process
-        (or taken for lost). A task whose key was popped meanwhile runs untracked."""
+        (or taken for lost). A task whose key this process popped meanwhile runs untracked;
+        one whose entry vanished otherwise (cancelled elsewhere, then popped) does not."""
         store = self.store
         try:
             if store.backend.transition(self.id, _this_process.token, ("PENDING",), "RUNNING"):
@@ -2224,7 +2235,7 @@ class _Entry:
                 self.key,
             )
             return True
-        return record is None or record.state == "RUNNING"
+        return (record is None and self.released) or (record is not None and record.state == "RUNNING")
 
     def progress(self, progress: Progress) -> None:
         # Written at most every 50 ms: a task may report on every row of a big file.
@@ -2243,6 +2254,10 @@ class _Entry:
         """Writes the task's end to the store: ``outcome`` when given (the future is not
         done yet), else what the done future holds."""
         store = self.store
+        with store._lock:  # cancel() of a cancelled future calls this again, from any thread
+            if self.finished:
+                return
+            self.finished = True
         store.finished_one()
         if outcome is None and future.cancelled():
             state, blob = "CANCELLED", None
@@ -2381,6 +2396,8 @@ class _StoredFuture:
                 delay = min(delay * 2, 0.05)
             record = self._read()
         if record.state == "CANCELLED":
+            if self._popped and record.key is None:
+                self._store.backend.delete(record.id)  # detached for this reader, who has it now
             return "exception", concurrent.futures.CancelledError(f"task {self.key!r} was cancelled")
         if self._dropped:
             raise StoreError(
@@ -2474,6 +2491,8 @@ class _Signer:
             return self.dumps("outcome", ("unpicklable", f"{type(error).__name__}: {error}"), entry_id)
 
     def loads(self, field: str, blob: bytes, reader: _StoredFuture) -> Any:
+        if not isinstance(blob, bytes) or len(blob) < 32:
+            blob = bytes(32)  # missing or cut short: fails the check below, as a forged one does
         mac, payload = blob[:32], blob[32:]
         if not hmac.compare_digest(mac, self._mac(field, reader._record.id, payload)):
             self._logger.error(
@@ -2540,6 +2559,9 @@ class _SQLiteStore:
         # Single statements, each a transaction of its own: the common path of a
         # claim is one insert and one read.
         now = time.time()
+        # Alive first: a reader must never see the entry before a fresh row of its owner.
+        if self._beaten.get(owner, 0.0) < now - _HEARTBEAT_SECONDS:
+            self.beat(owner, alive=True)
         insert = "INSERT OR IGNORE INTO tasks (namespace, key, state, owner) VALUES (?, ?, 'PENDING', ?)"
         entry_id = _inserted_id(self._write(insert, (self._namespace, key, owner)))
         if not entry_id and self._ttl is not None:  # the key may be held by an expired entry
@@ -2548,8 +2570,6 @@ class _SQLiteStore:
             entry_id = _inserted_id(self._write(insert, (self._namespace, key, owner)))
         if not entry_id:
             return None
-        if self._beaten.get(owner, 0.0) < now - _HEARTBEAT_SECONDS:  # readers must see it alive at once
-            self.beat(owner, alive=True)
         if self._ttl is not None and self._swept < now - _HEARTBEAT_SECONDS:
             self._swept = now
             self._write(
@@ -2638,9 +2658,10 @@ class _SQLiteStore:
             upsert = "INSERT INTO owners VALUES (?, ?) ON CONFLICT (owner) DO UPDATE SET seen = excluded.seen"
             self._write(upsert, (owner, now))
             self._beaten[owner] = now
-        else:  # no unfinished task left: nothing to tell anyone (and forget the long dead)
-            self._write("DELETE FROM owners WHERE owner = ? OR seen < ?", (owner, now - 86400))
-            self._beaten.pop(owner, None)
+        else:  # no unfinished task left: stop beating, and forget the long dead. The row of
+            # this owner stays (it ages): deleting it would race a claim made meanwhile,
+            # whose task readers would take for lost, as no row counts as a dead owner.
+            self._write("DELETE FROM owners WHERE seen < ?", (now - 86400,))
 
     def after_fork(self) -> None:
         # A connection must not cross a fork; closing the parent's here could even
@@ -2706,14 +2727,33 @@ class _SQLiteStore:
         # timeout=0: SQLite's own wait sleeps a millisecond or more at a time, so
         # _patiently() retries instead, in steps of a fraction of one.
         connection = self._sqlite3.connect(self._path, timeout=0, isolation_level=None)
-        connection.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode, and far faster
+        # Durable enough in WAL mode, and far faster; the WAL file truncated back after a reset.
+        self._patiently(lambda: connection.execute("PRAGMA synchronous = NORMAL"))
+        self._patiently(lambda: connection.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}"))
         return connection
 
     def _write(self, statement: str, parameters: tuple[Any, ...]) -> Any:
         """Runs one statement, a transaction of its own."""
         with self._write_lock:
             connection = self._connection()
-            return self._patiently(lambda: connection.execute(statement, parameters))
+            cursor = self._patiently(lambda: connection.execute(statement, parameters))
+            self._limit_wal(connection)
+            return cursor
+
+    def _limit_wal(self, connection: Any) -> None:
+        """Under steady writes from several processes some connection nearly always has a
+        read open, so SQLite seldom restarts the WAL file and it grows: past _WAL_LIMIT
+        (one stat() per write to see), a TRUNCATE checkpoint waits a moment and empties it."""
+        try:
+            if os.path.getsize(self._path + "-wal") <= _WAL_LIMIT:
+                return
+            connection.execute("PRAGMA busy_timeout = 200")
+            try:
+                connection.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                connection.execute("PRAGMA busy_timeout = 0")
+        except (OSError, self._sqlite3.Error):
+            pass  # tried again at the next write
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[Any]:
@@ -2771,6 +2811,13 @@ class _SQLiteStore:
                 self._create_schema(db)
             finally:
                 db.close()
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) and "busy" not in str(error):
+                raise ValueError(f"{self._key}={self._path!r} cannot be opened: {error}") from error
+            raise ValueError(
+                f"{self._key}={self._path!r} stayed locked by another process for {_STORE_WAIT_SECONDS:.0f} s"
+                " while this one set it up: that process may be stuck"
+            ) from error
         except sqlite3.DatabaseError as error:
             raise ValueError(
                 f"{self._key}={self._path!r} is not a usable store ({error}): it may be corrupt, or a file of"
@@ -2872,11 +2919,10 @@ class _RedisStore:
         return int(self._run("count", self._ttl or 0, time.time()))
 
     def beat(self, owner: str, alive: bool) -> None:
-        name = "flask_executor:owner:" + owner
+        # Never deleted, only left to expire: deleting would race a claim made meanwhile.
         if alive:
+            name = "flask_executor:owner:" + owner
             self._call(lambda: self._redis.set(name, 1, px=int(_LOST_AFTER_SECONDS * 1000)))
-        else:
-            self._call(lambda: self._redis.delete(name))
 
     def after_fork(self) -> None:
         pass  # redis-py's connection pool notices a new process by its pid
@@ -3047,6 +3093,7 @@ return 1
 
 
 _STORE_WAIT_SECONDS = 5.0
+_WAL_LIMIT = 4 * 1024 * 1024
 _SQLITE_SCHEMA = (
     # AUTOINCREMENT: an id is never reused, so a reader holding one never reads another task.
     "CREATE TABLE IF NOT EXISTS tasks (id INTEGER PRIMARY KEY AUTOINCREMENT, namespace TEXT NOT NULL,"
@@ -3078,9 +3125,15 @@ def _file_store_problem(path: str) -> str | None:
         return f"its directory {directory} is not writable by this process (SQLite writes files beside it)"
     for name in (path, path + "-wal", path + "-shm"):
         try:
-            mode = os.stat(name).st_mode
+            status = os.stat(name)
         except FileNotFoundError:
             continue
+        mode = status.st_mode
+        if status.st_uid != os.geteuid():
+            return (
+                f"{name} belongs to another user (uid {status.st_uid}), who can write it, and what the"
+                " store holds is unpickled by the app: use a file of this user's own"
+            )
         if not stat.S_ISREG(mode):
             return f"{name} is not a regular file"
         if mode & 0o022:

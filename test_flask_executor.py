@@ -33,10 +33,14 @@ import multiprocessing
 import os
 import pathlib
 import pickle
+import queue
+import random
 import re
 import shutil
 import signal
 import socket
+import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -77,6 +81,7 @@ from flask_executor import (
     QueueFull,
     StoreError,
     TaskFuture,
+    TaskLost,
     report_progress,
 )
 
@@ -6389,3 +6394,2117 @@ def test_redis_task_submitted_on_one_app_server_runs_on_dask_and_the_other_reads
     finally:
         for app_server in started:
             app_server.stop()
+
+
+# ================================================================================================
+# The shared store on SQLite: every worker process of a server shares stored futures
+# ================================================================================================
+# Tests: the shared futures store (EXECUTOR_FUTURES_STORE = a SQLite file), with real processes.
+#
+# Every process that names the file shares ``executor.futures``. The tests drive real
+# processes: "agents" (a small script, STORE_AGENT_SCRIPT, that binds an Executor to the
+# store and runs commands sent as JSON lines on its stdin), gunicorn servers on 127.0.0.1,
+# Flask-Shell2HTTP under gunicorn, and a hammer of 8 processes x 4 threads. The pytest
+# process itself is often the reader ("R"), with an Executor of its own on the same file.
+#
+# Conventions (to be merged into test_flask_executor.py): module-level helpers and
+# fixtures start with ``store_`` (classes with ``Store``), tests are named for the
+# behaviour they check, every wait is bounded, network only to 127.0.0.1, and only
+# processes started here are signalled (gunicorn workers are children of a master
+# started here).
+#
+# Running as root: root bypasses permission bits, so "a directory this process cannot
+# write" cannot be made with chmod alone. That check runs in a child process started
+# through ``setpriv`` with CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH dropped (still uid 0,
+# but now bound by the mode bits like any owner); when setpriv cannot do that, the test
+# is skipped and says why. Not as root, it runs in this process.
+#
+# Some tests write straight into the SQLite file with the sqlite3 module (to tamper with
+# an entry); they rely on the schema's table ``tasks`` with columns ``namespace``,
+# ``key`` (``"s:" + key`` for a string key), ``state``, ``outcome`` and ``progress``,
+# and check that each such write changed exactly one row.
+
+STORE_WAIT = 30  # generous bound for anything the tests wait for
+STORE_SECRET = "shared-store-test-secret"
+STORE_MODULE_DIR = os.path.dirname(os.path.abspath(flask_executor.__file__))
+STORE_KEY = "EXECUTOR_FUTURES_STORE"
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------
+
+
+def store_wait(predicate, timeout=STORE_WAIT, interval=0.02):
+    """Polls ``predicate`` until it returns something true or ``timeout`` passes; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return value
+        time.sleep(interval)
+
+
+def store_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [STORE_MODULE_DIR] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    )
+    return env
+
+
+def store_files(path):
+    return [Path(str(path) + suffix) for suffix in ("", "-wal", "-shm")]
+
+
+def store_sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def store_wait_for_gate(gate, limit=60):
+    """A task for executors of this process: waits until the file ``gate`` exists."""
+    deadline = time.monotonic() + limit
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gate {gate} never opened")
+        time.sleep(0.01)
+    return "opened"
+
+
+def store_append_line(path, text):
+    with open(path, "a") as file:
+        file.write(text + "\n")
+    return text
+
+
+def store_square(number):
+    return number * number
+
+
+class StoreMarkerOnUnpickle:
+    """Unpickling this creates the file at ``path``: what a forged store entry would do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def store_evil_blob(marker):
+    """32 bytes where the signature goes, then a pickle that creates ``marker`` when loaded."""
+    return os.urandom(32) + pickle.dumps(StoreMarkerOnUnpickle(marker))
+
+
+def store_tamper(path, key, column, value, namespace="EXECUTOR_"):
+    """Writes ``value`` into ``column`` of the entry under ``key``, straight into the file."""
+    assert column in ("outcome", "progress", "state")
+    db = sqlite3.connect(str(path), timeout=10, isolation_level=None)
+    try:
+        changed = db.execute(
+            f"UPDATE tasks SET {column} = ? WHERE namespace = ? AND key = ?", (value, namespace, "s:" + key)
+        ).rowcount
+    finally:
+        db.close()
+    assert changed == 1, f"the tamper of {key!r} changed {changed} rows: has the schema changed?"
+
+
+def store_raw_row_count(path):
+    db = sqlite3.connect(str(path), timeout=10)
+    try:
+        return db.execute("SELECT count(*) FROM tasks").fetchone()[0]
+    finally:
+        db.close()
+
+
+def store_app_errors(caplog, app, text=""):
+    return [
+        r
+        for r in caplog.records
+        if r.name == app.logger.name and r.levelno == logging.ERROR and text in r.getMessage()
+    ]
+
+
+def store_process_state(pid):
+    """The one-letter state of a process (R, S, T, Z...), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def store_gone(pid):
+    return store_process_state(pid) in (None, "Z", "X")
+
+
+# --- agents: real processes bound to the store, driven by JSON commands -----------------
+
+STORE_AGENT_SCRIPT = r"""
+import concurrent.futures, json, logging, os, sys, threading, time, traceback
+from flask import Flask
+import flask_executor
+from flask_executor import Executor, report_progress
+
+settings = json.loads(sys.argv[1])
+name = settings.pop("__name", "")
+app = Flask("store_agent_%d" % os.getpid())
+app.config.update(settings)
+records = []
+
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append([record.levelname, record.getMessage()])
+
+
+app.logger.addHandler(Keep())
+app.logger.setLevel(logging.DEBUG)
+try:
+    executor = Executor(app, name=name)
+except Exception as error:
+    print(json.dumps({"init_error": type(error).__name__, "message": str(error)}), flush=True)
+    sys.exit(0)
+handles = {}
+
+
+def gated(gate, started=None, value=None):
+    if started:
+        with open(started, "a") as file:
+            file.write("%d\n" % os.getpid())
+    deadline = time.monotonic() + 60
+    count = 0
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError("gate %s never opened" % gate)
+        count += 1
+        report_progress(count, None, "waiting")
+        time.sleep(0.02)
+    return value
+
+
+def give(value):
+    return value
+
+
+def fail(message):
+    raise LookupError(message)
+
+
+def unpicklable():
+    return threading.Lock()
+
+
+def mark(path, value=None):
+    with open(path, "a") as file:
+        file.write("%d\n" % os.getpid())
+    return value
+
+
+def progress_then_give(value):
+    report_progress(3, 3, "all done")
+    return value
+
+
+def payload(size):
+    return "x" * size
+
+
+TASKS = {f.__name__: f for f in (gated, give, fail, unpicklable, mark, progress_then_give, payload)}
+
+
+def describe(value):
+    if isinstance(value, BaseException):
+        return {"exception": type(value).__name__, "message": str(value)}
+    if isinstance(value, flask_executor.Progress):
+        return {"progress": [value.done, value.total, value.message]}
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return {"type": type(value).__name__}
+    return {"value": value}
+
+
+def sizes(path):
+    return [os.path.getsize(path + s) if os.path.exists(path + s) else 0 for s in ("", "-wal", "-shm")]
+
+
+def fork_submit(keys):
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        message = "{}"
+        try:
+            os.close(read_fd)
+            before = len(records)
+            outcomes = []
+            for key in keys:
+                try:
+                    outcomes.append(executor.submit_stored(key, give, key).result(10))
+                except Exception as error:
+                    outcomes.append("%s: %s" % (type(error).__name__, error))
+            message = json.dumps({"records": records[before:], "outcomes": outcomes})
+        except BaseException:
+            message = json.dumps({"error": traceback.format_exc()})
+        finally:
+            os.write(write_fd, message.encode())
+            os._exit(0)
+    os.close(write_fd)
+    chunks = []
+    while True:
+        chunk = os.read(read_fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(read_fd)
+    os.waitpid(pid, 0)
+    return json.loads(b"".join(chunks))
+
+
+def burst(prefix, count, size, batch, checkpoints):
+    measured = []
+    done = 0
+    while done < count:
+        futures = [
+            executor.submit_stored("%s%d" % (prefix, done + i), payload, size) for i in range(batch)
+        ]
+        for future in futures:
+            future.result(30)
+        done += batch
+        if done in checkpoints:
+            measured.append([done] + sizes(app.config["EXECUTOR_FUTURES_STORE"]))
+    return measured
+
+
+def run(op):
+    kind = op["op"]
+    args = op.get("args", [])
+    if kind == "submit":
+        value = executor.submit_stored(op["key"], TASKS[op["fn"]], *args)
+    elif kind == "futures":
+        method = op["method"]
+        if method == "contains":
+            value = args[0] in executor.futures
+        elif method == "len":
+            value = len(executor.futures)
+        else:
+            value = getattr(executor.futures, method)(*args)
+    elif kind == "compat_get":
+        value = executor.futures._futures.get(op["key"])
+    elif kind == "handle":
+        value = getattr(handles[op["handle"]], op["method"])
+        if callable(value):
+            value = value(*args)
+    elif kind == "logs":
+        value = records
+    elif kind == "fork_submit":
+        value = fork_submit(op["keys"])
+    elif kind == "burst":
+        value = burst(op["prefix"], op["count"], op["size"], op["batch"], op["checkpoints"])
+    elif kind == "exit":
+        os._exit(0)
+    else:
+        raise ValueError("unknown op %r" % kind)
+    if op.get("as"):
+        handles[op["as"]] = value
+    return value
+
+
+print(json.dumps({"ready": os.getpid()}), flush=True)
+for line in sys.stdin:
+    op = json.loads(line)
+    try:
+        answer = {"ok": describe(run(op))}
+    except BaseException as error:
+        answer = {"raised": describe(error), "traceback": traceback.format_exc()}
+    print(json.dumps(answer), flush=True)
+"""
+
+
+class StoreAgent:
+    """A real process with an Executor bound to the store, driven by JSON commands."""
+
+    def __init__(self, directory, config):
+        script = Path(directory) / "store_agent.py"
+        if not script.exists():
+            script.write_text(STORE_AGENT_SCRIPT)
+        self.stderr_path = Path(directory) / f"store_agent_{uuid.uuid4().hex[:8]}.stderr"
+        with open(self.stderr_path, "wb") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(script), json.dumps(config)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                env=store_env(),
+                text=True,
+            )
+        self._lines = queue.Queue()
+        threading.Thread(target=self._read_lines, daemon=True).start()
+        first = self._next(STORE_WAIT)
+        self.init_error = first if "init_error" in first else None
+        self.pid = first.get("ready")
+
+    def _read_lines(self):
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _next(self, timeout):
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(
+                f"agent {self.proc.pid} did not answer in {timeout} s:\n{self.stderr()}"
+            ) from None
+        if line is None:
+            raise AssertionError(f"agent {self.proc.pid} exited:\n{self.stderr()}")
+        return json.loads(line)
+
+    def stderr(self):
+        return self.stderr_path.read_text(errors="replace")[-4000:]
+
+    def send(self, **op):
+        self.proc.stdin.write(json.dumps(op) + "\n")
+        self.proc.stdin.flush()
+
+    def request(self, timeout=STORE_WAIT, **op):
+        self.send(**op)
+        return self._next(timeout)
+
+    def ok(self, timeout=STORE_WAIT, **op):
+        """The plain value of a command that must succeed."""
+        answer = self.request(timeout=timeout, **op)
+        assert "ok" in answer, (op, answer)
+        described = answer["ok"]
+        return described.get("value", described)
+
+    def submit(self, key, fn, *args, handle=None):
+        return self.ok(op="submit", key=key, fn=fn, args=list(args), **({"as": handle} if handle else {}))
+
+    def futures(self, method, *args, timeout=STORE_WAIT):
+        """Calls ``executor.futures.<method>(*args)`` there; returns its answer as described."""
+        return self.request(timeout=timeout, op="futures", method=method, args=list(args))
+
+    def value(self, method, *args):
+        answer = self.futures(method, *args)
+        assert "ok" in answer, (method, args, answer)
+        return answer["ok"].get("value", answer["ok"])
+
+    def logs(self):
+        return self.ok(op="logs")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try:
+                self.send(op="exit")
+            except (BrokenPipeError, OSError):
+                pass
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def store_path(tmp_path):
+    return tmp_path / "futures.db"
+
+
+@pytest.fixture
+def store_agents(tmp_path, store_path):
+    """Factory: store_agents(**config) -> a StoreAgent on ``store_path`` with SECRET_KEY set."""
+    made = []
+
+    def start(**config):
+        settings = {"SECRET_KEY": STORE_SECRET, STORE_KEY: str(store_path)}
+        settings.update(config)
+        settings = {k: v for k, v in settings.items() if v is not None}
+        agent = StoreAgent(tmp_path, settings)
+        made.append(agent)
+        assert agent.init_error is None, agent.init_error
+        return agent
+
+    yield start
+    for agent in made:
+        agent.stop()
+
+
+@pytest.fixture
+def store_gates(tmp_path):
+    """Factory of gate files (paths); every gate is opened at teardown so no task stays blocked."""
+    gates = []
+
+    def make():
+        gate = tmp_path / f"gate-{uuid.uuid4().hex[:8]}"
+        gates.append(gate)
+        return str(gate)
+
+    yield make
+    for gate in gates:
+        Path(gate).touch()
+
+
+@pytest.fixture
+def store_local(store_path):
+    """Factory: an app and an Executor in this process on ``store_path``: the reader R."""
+    made = []
+
+    def make(path=None, name="", **config):
+        app = Flask(f"store_reader_{uuid.uuid4().hex[:8]}")
+        app.config.update(SECRET_KEY=STORE_SECRET)
+        app.config[STORE_KEY] = str(store_path if path is None else path)
+        app.config.update(config)
+        executor = Executor(app, name=name)
+        made.append(executor)
+        return app, executor
+
+    yield make
+    for executor in made:
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
+# ---------------------------------------------------------------------------
+# Reading, waiting, cancelling and popping from any process
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_any_process_reads_state_progress_and_keys_of_a_task_accepted_by_another(
+    store_agents, store_local, store_gates
+):
+    owner = store_agents(EXECUTOR_MAX_WORKERS=4)
+    _, reader = store_local()
+    gate = store_gates()
+    owner.submit("q-run", "gated", gate, None, {"made": "by the owner"})
+    owner.submit("q-ok", "give", {"n": 1, "list": [1, 2], "text": "é"})
+    owner.submit("q-fail", "fail", "nope")
+    futures = reader.futures
+
+    assert store_wait(lambda: futures.done("q-ok") and futures.done("q-fail"))
+    assert store_wait(lambda: futures.running("q-run"))
+    assert "q-run" in futures and "q-ok" in futures and "missing" not in futures
+    assert futures.done("q-run") is False
+    assert futures.cancelled("q-run") is False
+    assert futures._state("q-run") == "RUNNING"
+    assert futures._state("q-ok") == "FINISHED"
+    assert futures.done("missing") is None and futures.result("missing") is None
+    assert futures.keys() == ["q-run", "q-ok", "q-fail"]
+    assert len(futures) == 3
+
+    # results and exceptions travel pickled
+    assert futures.result("q-ok", 5) == {"n": 1, "list": [1, 2], "text": "é"}
+    assert futures.exception("q-ok", 5) is None
+    error = futures.exception("q-fail", 5)
+    assert type(error) is LookupError and error.args == ("nope",)
+    with pytest.raises(LookupError, match="nope"):
+        futures.result("q-fail", 5)
+
+    # progress is live: it grows while the task runs
+    first = store_wait(lambda: futures.progress("q-run"))
+    assert isinstance(first, Progress) and first.done >= 1 and first.message == "waiting"
+    assert store_wait(lambda: futures.progress("q-run").done > first.done)
+
+    # result(key, timeout) waits across processes: times out, then gets the value
+    with pytest.raises(concurrent.futures.TimeoutError):
+        futures.result("q-run", 0.2)
+    with concurrent.futures.ThreadPoolExecutor(1) as waiter:
+        waiting = waiter.submit(futures.result, "q-run", STORE_WAIT)
+        time.sleep(0.2)
+        assert not waiting.done()
+        Path(gate).touch()
+        assert waiting.result(STORE_WAIT) == {"made": "by the owner"}
+    assert futures.done("q-run") is True and futures.running("q-run") is False
+
+    # and the other way round: the owner reads a task the reader accepted
+    reader.submit_stored("r-own", store_square, 12)
+    assert store_wait(lambda: owner.value("done", "r-own"))
+    assert owner.value("result", "r-own", 5) == 144
+    assert owner.value("keys") == ["q-run", "q-ok", "q-fail", "r-own"]
+    assert owner.value("len") == 4
+
+
+@pytest.mark.timeout(90)
+def test_futures_mapping_of_1_0_gives_working_futures_for_tasks_of_another_process(
+    store_agents, store_local, store_gates
+):
+    owner = store_agents(EXECUTOR_MAX_WORKERS=1)
+    _, reader = store_local()
+    gate = store_gates()
+    owner.submit("c-run", "gated", gate, None, "ran")
+    owner.submit("c-wait", "give", "never")
+    owner.submit("c-after", "give", "after")
+    mapping = reader.futures._futures
+    assert mapping.get("missing") is None
+    assert store_wait(lambda: reader.futures.running("c-run"))
+
+    running = mapping.get("c-run")
+    assert running.done() is False and running.running() is True and running.cancelled() is False
+    assert running.cancel() is False  # running: cannot be cancelled
+    with pytest.raises(concurrent.futures.TimeoutError):
+        running.result(0.1)
+
+    waiting = mapping.get("c-wait")
+    assert waiting.running() is False and waiting.done() is False
+    assert waiting.cancel() is True
+    assert waiting.cancelled() is True and waiting.done() is True
+    with pytest.raises(concurrent.futures.CancelledError):
+        waiting.result(1)
+
+    Path(gate).touch()
+    assert running.result(STORE_WAIT) == "ran"
+    assert running.exception(1) is None
+    assert mapping.get("c-after").result(STORE_WAIT) == "after"
+    assert mapping.get("c-run").done() is True
+
+
+@pytest.mark.timeout(90)
+def test_task_waiting_for_a_worker_is_cancelled_from_another_process_and_never_runs(
+    store_agents, store_local, store_gates, tmp_path
+):
+    owner = store_agents(EXECUTOR_MAX_WORKERS=1)
+    _, reader = store_local()
+    gate = store_gates()
+    ran = tmp_path / "cancelled-task-ran"
+    owner.submit("x-run", "gated", gate, None, "first")
+    owner.submit("x-wait", "mark", str(ran), "never", handle="submitted")
+    owner.submit("x-after", "give", "after")
+    futures = reader.futures
+    assert store_wait(lambda: futures.running("x-run"))
+    assert futures._state("x-wait") == "PENDING"
+
+    assert futures.cancel("x-wait") is True
+    assert futures.cancel("x-run") is False  # running: cannot be cancelled
+    for view in (reader.futures.cancelled, lambda k: owner.value("cancelled", k)):
+        assert view("x-wait") is True
+    assert futures.done("x-wait") is True and futures._state("x-wait") == "CANCELLED"
+    assert owner.value("_state", "x-wait") == "CANCELLED"
+    with pytest.raises(concurrent.futures.CancelledError):
+        futures.result("x-wait", 1)
+
+    Path(gate).touch()
+    # one worker, first in first out: x-after finishing means the worker has passed x-wait
+    assert futures.result("x-after", STORE_WAIT) == "after"
+    assert not ran.exists(), "the cancelled task ran"
+    assert owner.ok(op="handle", handle="submitted", method="cancelled") is True
+    assert futures.result("x-run", STORE_WAIT) == "first"
+
+
+@pytest.mark.timeout(90)
+def test_task_cancelled_and_popped_before_a_worker_reached_it_never_runs(
+    store_agents, store_local, store_gates, tmp_path
+):
+    owner = store_agents(EXECUTOR_MAX_WORKERS=1)
+    _, reader = store_local()
+    gate = store_gates()
+    ran = tmp_path / "cancelled-and-popped-task-ran"
+    owner.submit("y-run", "gated", gate, None, "first")
+    owner.submit("y-wait", "mark", str(ran), "never")
+    owner.submit("y-after", "give", "after")
+    futures = reader.futures
+    assert store_wait(lambda: futures.running("y-run"))
+    assert futures.cancel("y-wait") is True
+    popped = futures.pop("y-wait")  # the usual clean-up of a cancelled task, before a worker got to it
+    assert popped.cancelled() is True
+    Path(gate).touch()
+    # one worker, first in first out: y-after finishing means the worker has passed y-wait
+    assert futures.result("y-after", STORE_WAIT) == "after"
+    assert not ran.exists(), "a task cancelled (and then popped) before a worker reached it ran"
+
+
+@pytest.mark.timeout(90)
+def test_cancel_from_another_process_logs_no_lost_task_warning_in_the_owner(
+    store_agents, store_local, store_gates
+):
+    owner = store_agents(EXECUTOR_MAX_WORKERS=1)
+    _, reader = store_local()
+    gate = store_gates()
+    owner.submit("w-run", "gated", gate, None, "first")
+    owner.submit("w-wait", "give", "never")
+    owner.submit("w-after", "give", "after")
+    assert store_wait(lambda: reader.futures.running("w-run"))
+    assert reader.futures.cancel("w-wait") is True
+    Path(gate).touch()
+    assert reader.futures.result("w-after", STORE_WAIT) == "after"
+    warnings = [message for level, message in owner.logs() if level in ("WARNING", "ERROR")]
+    assert warnings == [], (
+        "a task cancelled from another process was logged by its owner as reported lost: " + repr(warnings)
+    )
+
+
+@pytest.mark.timeout(90)
+def test_cancelling_a_waiting_task_twice_does_not_make_the_owners_running_task_lost(
+    store_agents, store_local, store_gates
+):
+    owner = store_agents(EXECUTOR_MAX_WORKERS=1)
+    _, reader = store_local()
+    gate = store_gates()
+    owner.submit("d-run", "gated", gate, None, "finished")
+    owner.submit("d-wait", "give", "never")
+    assert store_wait(lambda: reader.futures.running("d-run"))
+    # two requests served by the owner cancel the same waiting task: both say True
+    assert owner.value("cancel", "d-wait") is True
+    assert owner.value("cancel", "d-wait") is True
+
+    # the running task's owner is alive: for longer than the heartbeat expiry (5 s),
+    # readers elsewhere must keep seeing it running, never lost
+    deadline = time.monotonic() + 7
+    while time.monotonic() < deadline:
+        state = reader.futures._state("d-run")
+        assert state == "RUNNING", (
+            f"the running task of a live owner read {state} after a waiting task was cancelled twice: "
+            + repr(reader.futures.exception("d-run", 0) if state == "FINISHED" else None)
+        )
+        time.sleep(0.2)
+    Path(gate).touch()
+    assert reader.futures.result("d-run", STORE_WAIT) == "finished"
+
+
+@pytest.mark.timeout(90)
+def test_pop_from_another_process_removes_the_key_everywhere_and_the_popper_can_wait(
+    store_agents, store_local, store_gates
+):
+    owner = store_agents(EXECUTOR_MAX_WORKERS=4)
+    other = store_agents()
+    _, reader = store_local()
+    gate = store_gates()
+    owner.submit("p-done", "give", "done value")
+    owner.submit("p-run", "gated", gate, None, "original")
+    owner.submit("p-own", "gated", gate, None, "popped by its owner")
+    futures = reader.futures
+    assert store_wait(lambda: futures.done("p-done") and futures.running("p-run"))
+    assert len(futures) == 3
+
+    popped = futures.pop("p-done")
+    assert popped.result(1) == "done value"
+    assert "p-done" not in futures
+    assert other.value("contains", "p-done") is False
+    assert owner.value("contains", "p-done") is False
+    assert owner.value("pop", "p-done") is None
+    assert futures.keys() == ["p-run", "p-own"] == other.value("keys")
+
+    # an unfinished task, popped: gone everywhere at once, the key is free again,
+    # and the popper still gets the original task's value
+    unfinished = futures.pop("p-run")
+    assert unfinished is not None and unfinished.done() is False
+    assert "p-run" not in futures
+    assert other.value("contains", "p-run") is False
+    assert owner.value("contains", "p-run") is False
+    assert futures.pop("p-run") is None
+    other.submit("p-run", "give", "the next task under the key")
+    assert store_wait(lambda: futures.done("p-run"))
+    assert futures.result("p-run", 1) == "the next task under the key"
+
+    # the owner pops its own unfinished task: gone everywhere, and it can wait on it
+    assert owner.ok(op="futures", method="pop", args=["p-own"], **{"as": "own"}) == {"type": "TaskFuture"}
+    assert "p-own" not in futures and other.value("contains", "p-own") is False
+
+    Path(gate).touch()
+    assert unfinished.result(STORE_WAIT) == "original"
+    assert owner.ok(op="handle", handle="own", method="result", args=[STORE_WAIT]) == "popped by its owner"
+    assert futures.keys() == ["p-run"] == owner.value("keys")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("popper", ["owner", "another_process"])
+def test_future_read_through_1_0_mapping_stays_usable_after_the_key_is_popped(
+    store_agents, store_local, store_gates, popper
+):
+    # Flask-Shell2HTTP's GET ?wait=true: future = futures._futures.get(key); futures.pop(key);
+    # future.result(). 1.0's mapping handed out the future itself, which popping did not change.
+    owner = store_agents(EXECUTOR_MAX_WORKERS=2)
+    gate = store_gates()
+    owner.submit("s2h", "gated", gate, None, {"report": "hello"})
+    if popper == "owner":
+        actor = owner
+    else:
+        actor = store_agents()
+    assert store_wait(lambda: actor.value("running", "s2h"))
+    got = actor.ok(op="compat_get", key="s2h", **{"as": "got"})
+    assert isinstance(got, dict) and "type" in got, got  # a future-like object, not None
+    actor.value("pop", "s2h")
+    timer = threading.Timer(0.3, Path(gate).touch)
+    timer.start()
+    try:
+        answer = actor.request(op="handle", handle="got", method="result", args=[STORE_WAIT])
+    finally:
+        timer.cancel()
+        Path(gate).touch()
+    assert answer.get("ok") == {"value": {"report": "hello"}}, (
+        f"popped by the {popper}, the future read before the pop failed: {answer.get('raised')}"
+    )
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    "duplicate_from", ["a_process_that_never_submitted", "a_process_that_submitted_before", "the_owner"]
+)
+def test_key_in_use_in_any_process_is_refused_before_anything_runs(
+    store_agents, store_local, store_gates, tmp_path, duplicate_from
+):
+    owner = store_agents(EXECUTOR_MAX_WORKERS=4)
+    gate = store_gates()
+    ran = tmp_path / "duplicate-ran"
+    owner.submit("one", "gated", gate, None, "the first")
+    if duplicate_from == "the_owner":
+        actor = owner
+    else:
+        actor = store_agents(EXECUTOR_MAX_WORKERS=4)
+        if duplicate_from == "a_process_that_submitted_before":
+            actor.submit("warm-up", "give", "warm")
+            assert actor.value("result", "warm-up", STORE_WAIT) == "warm"
+    answer = actor.request(op="submit", key="one", fn="mark", args=[str(ran), "the duplicate"])
+    assert answer.get("raised", {}).get("exception") == "ValueError", (
+        f"a key in use, submitted from {duplicate_from.replace('_', ' ')}, was not refused: {answer}"
+    )
+    assert "one" in answer["raised"]["message"]
+    assert actor.value("keys").count("one") == 1
+    Path(gate).touch()
+    assert actor.value("result", "one", STORE_WAIT) == "the first"
+    time.sleep(0.2)
+    assert not ran.exists(), "the refused duplicate ran"
+
+
+@pytest.mark.timeout(90)
+def test_unpicklable_result_is_real_in_the_owner_and_a_store_error_elsewhere(store_agents, store_local):
+    owner = store_agents()
+    _, reader = store_local()
+    owner.submit("lock", "unpicklable")
+    assert store_wait(lambda: reader.futures.done("lock"))
+    assert owner.ok(op="futures", method="result", args=["lock", 5]) == {"type": "lock"}
+    with pytest.raises(StoreError) as raised:
+        reader.futures.result("lock", 5)
+    message = str(raised.value)
+    assert "'lock'" in message and "pickle" in message, message
+    other = store_agents()
+    answer = other.futures("result", "lock", 5)
+    assert answer["raised"]["exception"] == "StoreError", answer
+
+
+# ---------------------------------------------------------------------------
+# Lost tasks
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_tasks_of_a_killed_process_read_task_lost_and_a_live_owners_task_does_not(
+    store_agents, store_local, store_gates
+):
+    live = store_agents(EXECUTOR_MAX_WORKERS=2)
+    doomed = store_agents(EXECUTOR_MAX_WORKERS=1)
+    _, reader = store_local()
+    gate = store_gates()
+    live.submit("alive", "gated", gate, None, "still here")
+    doomed.submit("doomed-running", "gated", gate, None, "never")
+    doomed.submit("doomed-waiting", "give", "never")
+    futures = reader.futures
+    assert store_wait(lambda: futures.running("alive") and futures.running("doomed-running"))
+    assert futures._state("doomed-waiting") == "PENDING"
+
+    os.kill(doomed.proc.pid, signal.SIGKILL)
+    doomed.proc.wait(timeout=10)
+    # read within a few seconds (heartbeat expiry ~5 s); the live owner's task keeps running
+    deadline = time.monotonic() + 20
+    while not (futures.done("doomed-running") and futures.done("doomed-waiting")):
+        assert time.monotonic() < deadline, "the tasks of a killed process stayed unfinished"
+        assert futures._state("alive") == "RUNNING"
+        time.sleep(0.1)
+    for key in ("doomed-running", "doomed-waiting"):
+        assert isinstance(futures.exception(key, 1), TaskLost), futures.exception(key, 1)
+        with pytest.raises(TaskLost):
+            futures.result(key, 1)
+        assert futures.running(key) is False and futures.cancelled(key) is False
+        assert futures._state(key) == "FINISHED"
+    assert futures.done("alive") is False and futures._state("alive") == "RUNNING"
+
+    # a process started afterwards reads them lost too
+    later = store_agents()
+    for key in ("doomed-running", "doomed-waiting"):
+        assert later.futures("exception", key, 5)["ok"]["exception"] == "TaskLost"
+    assert live.futures("result", "doomed-running", 5)["raised"]["exception"] == "TaskLost"
+    Path(gate).touch()
+    assert futures.result("alive", STORE_WAIT) == "still here"
+
+
+# ---------------------------------------------------------------------------
+# Bounds: max length, TTL, file size
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_max_length_is_store_wide_dropping_finished_entries_first_oldest_first(
+    store_agents, store_local, store_gates
+):
+    first = store_agents(EXECUTOR_MAX_WORKERS=8, EXECUTOR_FUTURES_MAX_LENGTH=4)
+    second = store_agents(EXECUTOR_MAX_WORKERS=8, EXECUTOR_FUTURES_MAX_LENGTH=4)
+    _, reader = store_local(EXECUTOR_MAX_WORKERS=8, EXECUTOR_FUTURES_MAX_LENGTH=4)
+    gate = store_gates()
+    futures = reader.futures
+
+    def finished(agent, key):
+        agent.submit(key, "give", key)
+        assert store_wait(lambda: futures.done(key))
+
+    finished(first, "m-f1")
+    second.submit("m-u1", "gated", gate)
+    finished(first, "m-f2")
+    finished(second, "m-f3")
+    assert futures.keys() == ["m-f1", "m-u1", "m-f2", "m-f3"]
+    first.submit("m-n1", "gated", gate)
+    assert futures.keys() == ["m-u1", "m-f2", "m-f3", "m-n1"]  # the oldest finished went
+    second.submit("m-n2", "gated", gate)
+    assert futures.keys() == ["m-u1", "m-f3", "m-n1", "m-n2"]
+    reader.submit_stored("m-n3", store_wait_for_gate, gate)
+    assert futures.keys() == ["m-u1", "m-n1", "m-n2", "m-n3"]
+    for agent in (first, second):
+        assert agent.value("keys") == ["m-u1", "m-n1", "m-n2", "m-n3"]
+        assert agent.value("len") == 4
+    # none finished: the oldest of all goes, with a warning where it was dropped
+    first.submit("m-n4", "gated", gate)
+    assert futures.keys() == ["m-n1", "m-n2", "m-n3", "m-n4"] == second.value("keys")
+    assert len(futures) == 4
+    assert any(level == "WARNING" and "'m-u1'" in message for level, message in first.logs())
+
+
+@pytest.mark.timeout(90)
+def test_finished_entries_past_the_ttl_are_gone_from_contains_keys_and_len(
+    store_agents, store_local, store_gates
+):
+    owner = store_agents(EXECUTOR_MAX_WORKERS=4, EXECUTOR_FUTURES_TTL=1)
+    _, reader = store_local(EXECUTOR_FUTURES_TTL=1)
+    gate = store_gates()
+    owner.submit("t-unfinished", "gated", gate)
+    owner.submit("t-1", "give", 1)
+    owner.submit("t-2", "give", 2)
+    futures = reader.futures
+    assert store_wait(lambda: futures.done("t-1") and futures.done("t-2"))
+    assert store_wait(lambda: "t-1" not in futures and "t-2" not in futures, timeout=10)
+    assert futures.done("t-2") is None
+    # no new task was submitted since: readers alone must not see expired keys
+    assert futures.keys() == ["t-unfinished"], "keys() lists finished entries past their TTL"
+    assert len(futures) == 1, "len() counts finished entries past their TTL"
+    assert owner.value("keys") == ["t-unfinished"]
+
+
+@pytest.mark.timeout(90)
+def test_key_of_an_expired_entry_is_free_and_unfinished_entries_never_expire(
+    store_agents, store_local, store_gates
+):
+    owner = store_agents(EXECUTOR_MAX_WORKERS=4, EXECUTOR_FUTURES_TTL=1)
+    _, reader = store_local(EXECUTOR_FUTURES_TTL=1)
+    gate = store_gates()
+    owner.submit("e-unfinished", "gated", gate, None, "late")
+    owner.submit("e-1", "give", "first")
+    futures = reader.futures
+    assert store_wait(lambda: futures.done("e-1"))
+    assert store_wait(lambda: "e-1" not in futures, timeout=10)
+    assert reader.submit_stored("e-1", store_square, 3).result(STORE_WAIT) == 9
+    assert futures.result("e-1", 5) == 9
+    time.sleep(0.5)  # well past the TTL since the unfinished one was accepted
+    assert "e-unfinished" in futures and futures.running("e-unfinished") is True
+    Path(gate).touch()
+    assert futures.result("e-unfinished", STORE_WAIT) == "late"
+
+
+@pytest.mark.timeout(90)
+def test_store_file_stays_small_under_a_long_run_with_a_small_max_length(store_agents, store_path):
+    agents = [store_agents(EXECUTOR_MAX_WORKERS=4, EXECUTOR_FUTURES_MAX_LENGTH=10) for _ in range(2)]
+    for index, agent in enumerate(agents):
+        agent.send(op="burst", prefix=f"b{index}-", count=1000, size=2000, batch=5, checkpoints=[300, 1000])
+    measured = [agent._next(120) for agent in agents]
+    for answer in measured:
+        assert "ok" in answer, answer
+    # [tasks done, db bytes, wal bytes, shm bytes] at 300 and 1000 tasks of each process
+    (mid, end), (mid2, end2) = (answer["ok"]["value"] for answer in measured)
+    db, wal, _ = (os.path.getsize(f) if f.exists() else 0 for f in store_files(store_path))
+    sizes = {"mid": [mid, mid2], "end": [end, end2], "after": [db, wal]}
+    print("store sizes after 2 x 1000 tasks of 2 KB with max_length 10:", sizes)
+    assert len(agents[0].value("keys")) <= 10
+    assert store_raw_row_count(store_path) <= 10 + 2
+    assert db <= 1024 * 1024, sizes
+    assert wal <= 8 * 1024 * 1024, sizes
+    assert max(end[1], end2[1]) <= max(mid[1], mid2[1]) + 256 * 1024, sizes
+
+
+# ---------------------------------------------------------------------------
+# Without the store: forked workers
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    ("name", "store", "key"),
+    [
+        ("", False, "EXECUTOR_FUTURES_STORE"),
+        ("reports", False, "REPORTS_EXECUTOR_FUTURES_STORE"),
+        ("", True, None),
+    ],
+    ids=["default_executor", "named_executor", "with_a_store"],
+)
+def test_forked_process_warns_once_that_stored_futures_are_per_process(store_agents, name, store, key):
+    prefix = f"{name.upper()}_" if name else ""
+    config = {"__name": name, f"{prefix}EXECUTOR_MAX_WORKERS": 2}
+    if not store:
+        config[STORE_KEY] = None  # the fixture's default store is not set
+    parent = store_agents(**config)
+    child = parent.ok(op="fork_submit", keys=["f-1", "f-2", "f-3"])
+    assert "error" not in child, child
+    assert child["outcomes"] == ["f-1", "f-2", "f-3"]
+    warnings = [message for level, message in child["records"] if level == "WARNING"]
+    if key is None:
+        assert warnings == []
+    else:
+        assert len(warnings) == 1, warnings
+        assert "per process" in warnings[0]
+        assert key in warnings[0], f"the warning does not name {key}: {warnings[0]}"
+    # the process that bound the executor is not a forked one: no warning there
+    parent.submit("p-1", "give", 1)
+    assert parent.value("result", "p-1", STORE_WAIT) == 1
+    assert [m for level, m in parent.logs() if level == "WARNING"] == []
+
+
+# ---------------------------------------------------------------------------
+# Security: file modes, SECRET_KEY, signed entries
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_store_file_and_its_wal_files_are_created_private(store_local, store_path):
+    previous = os.umask(0)  # even with an open umask
+    try:
+        _, executor = store_local()
+        assert executor.submit_stored("m", store_square, 2).result(STORE_WAIT) == 4
+        assert store_wait(lambda: executor.futures.done("m"))
+        files = store_files(store_path)
+        assert all(f.exists() for f in files), [f.name for f in files if not f.exists()]
+        modes = {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files}
+        assert set(modes.values()) == {"0o600"}, modes
+    finally:
+        os.umask(previous)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    "how", ["world_writable", "group_writable", "wal_world_writable", "owned_by_another_user"]
+)
+def test_store_file_that_others_can_write_is_refused(store_local, store_path, tmp_path, how):
+    if how == "wal_world_writable":
+        store_path.write_bytes(b"")  # a private (new) store file, beside a WAL file others can write
+        store_path.chmod(0o600)
+        wal = Path(str(store_path) + "-wal")
+        wal.write_bytes(b"")
+        wal.chmod(0o666)
+        target = wal
+    else:
+        store_path.write_bytes(b"")
+        target = store_path
+        if how == "world_writable":
+            store_path.chmod(0o666)
+        elif how == "group_writable":
+            store_path.chmod(0o620)
+        else:
+            if os.geteuid() != 0:
+                pytest.skip("only root can give a file to another user")
+            store_path.chmod(0o600)
+            os.chown(store_path, 1, 1)  # uid 1 (daemon) owns it, and can write it
+    with pytest.raises(ValueError) as raised:
+        store_local()
+    message = str(raised.value)
+    assert STORE_KEY in message and str(target) in message, message
+
+
+@pytest.mark.timeout(90)
+def test_init_app_refuses_the_store_without_a_secret_key(store_path):
+    app = Flask("store_no_secret")
+    app.config[STORE_KEY] = str(store_path)
+    with pytest.raises(ValueError) as raised:
+        Executor(app)
+    message = str(raised.value)
+    assert STORE_KEY in message and "SECRET_KEY" in message and "signed" in message, message
+    assert not store_path.exists()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("field", ["result", "exception", "progress"])
+def test_tampered_entry_is_not_unpickled_and_the_reader_gets_a_store_error(
+    store_agents, store_local, store_path, tmp_path, caplog, field
+):
+    caplog.set_level(logging.ERROR)
+    owner = store_agents()
+    reader_app, reader = store_local()
+    key, task, args = {
+        "result": ("t-result", "give", [{"fine": True}]),
+        "exception": ("t-exception", "fail", ["fine"]),
+        "progress": ("t-progress", "progress_then_give", ["fine"]),
+    }[field]
+    owner.submit(key, task, *args)
+    futures = reader.futures
+    assert store_wait(lambda: futures.done(key))
+    read = {
+        "result": lambda: futures.result(key, 1),
+        "exception": lambda: futures.exception(key, 1),
+        "progress": lambda: futures.progress(key),
+    }[field]
+    read()  # untampered, it reads
+    marker = tmp_path / "unpickled-marker"
+    blob = store_evil_blob(marker)
+    pickle.loads(blob[32:])  # the payload is live: loading it creates the marker
+    assert marker.exists()
+    marker.unlink()
+
+    store_tamper(store_path, key, "progress" if field == "progress" else "outcome", blob)
+    with pytest.raises(StoreError) as raised:
+        read()
+    assert not marker.exists(), "a tampered entry was unpickled"
+    assert key in str(raised.value) and "signature" in str(raised.value)
+    assert store_app_errors(caplog, reader_app, repr(key)), "no ERROR on app.logger about the tampering"
+
+
+@pytest.mark.timeout(90)
+def test_store_written_with_another_secret_key_is_refused(store_agents, store_local, caplog, store_gates):
+    caplog.set_level(logging.ERROR)
+    owner = store_agents(EXECUTOR_MAX_WORKERS=2)
+    reader_app, reader = store_local(SECRET_KEY="another-secret")
+    gate = store_gates()
+    owner.submit("k-result", "give", 1)
+    owner.submit("k-exception", "fail", "x")
+    owner.submit("k-progress", "gated", gate)
+    futures = reader.futures
+    assert store_wait(lambda: futures.done("k-result") and futures.done("k-exception"))
+    for read in (lambda: futures.result("k-result", 1), lambda: futures.exception("k-exception", 1)):
+        with pytest.raises(StoreError, match="signature"):
+            read()
+
+    def progress_refused():
+        """Whether the reader's progress() refused the entry; False while none is stored yet."""
+        try:
+            progress = futures.progress("k-progress")
+        except StoreError as error:
+            assert "signature" in str(error), error
+            return True
+        assert progress is None, f"progress signed with another SECRET_KEY was read: {progress}"
+        return False
+
+    assert store_wait(progress_refused), "no progress reached the store"
+    assert len(store_app_errors(caplog, reader_app, "signature")) >= 3
+
+
+@pytest.mark.timeout(90)
+def test_signed_outcome_copied_to_another_entry_is_refused(store_agents, store_local, store_path, caplog):
+    caplog.set_level(logging.ERROR)
+    owner = store_agents()
+    reader_app, reader = store_local()
+    owner.submit("moved-from", "give", "the outcome of another task")
+    owner.submit("moved-to", "give", "its own outcome")
+    assert store_wait(lambda: reader.futures.done("moved-from") and reader.futures.done("moved-to"))
+    db = sqlite3.connect(str(store_path), timeout=10)
+    try:
+        (signed,) = db.execute("SELECT outcome FROM tasks WHERE key = ?", ("s:moved-from",)).fetchone()
+    finally:
+        db.close()
+    store_tamper(store_path, "moved-to", "outcome", signed)  # a genuine signature, on another entry
+    with pytest.raises(StoreError, match="signature"):
+        reader.futures.result("moved-to", 1)
+    assert store_app_errors(caplog, reader_app, "'moved-to'")
+    assert reader.futures.result("moved-from", 1) == "the outcome of another task"
+
+
+@pytest.mark.timeout(90)
+def test_finished_entry_without_an_outcome_gives_a_store_error(store_agents, store_local, store_path):
+    owner = store_agents()
+    _, reader = store_local()
+    owner.submit("no-outcome", "give", 1)
+    assert store_wait(lambda: reader.futures.done("no-outcome"))
+    store_tamper(store_path, "no-outcome", "outcome", None)
+    with pytest.raises(StoreError):
+        reader.futures.result("no-outcome", 1)
+
+
+# ---------------------------------------------------------------------------
+# Bad input at init_app
+# ---------------------------------------------------------------------------
+
+
+STORE_INIT_SCRIPT = r"""
+import json, sys
+from flask import Flask
+from flask_executor import Executor
+app = Flask("store_init")
+app.config.update(SECRET_KEY="s", EXECUTOR_FUTURES_STORE=sys.argv[1])
+try:
+    Executor(app)
+except Exception as error:
+    print(json.dumps({"error": type(error).__name__, "message": str(error)}))
+else:
+    print(json.dumps({"error": None}))
+"""
+
+
+def store_init_without_dac_override(tmp_path, path):
+    """init_app as root without the capabilities that bypass permission bits (see the module docstring)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip(
+            "running as root, and setpriv is missing to drop CAP_DAC_OVERRIDE: root ignores chmod 500"
+        )
+    script = tmp_path / "store_init.py"
+    script.write_text(STORE_INIT_SCRIPT)
+    drop = "-dac_override,-dac_read_search"
+    probe = subprocess.run(
+        [
+            setpriv,
+            f"--inh-caps={drop}",
+            f"--bounding-set={drop}",
+            sys.executable,
+            "-c",
+            f"import os; print(os.access({str(Path(path).parent)!r}, os.W_OK))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if probe.returncode != 0 or probe.stdout.strip() != "False":
+        pytest.skip(f"running as root, and setpriv could not drop CAP_DAC_OVERRIDE: {probe.stderr.strip()}")
+    done = subprocess.run(
+        [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}", sys.executable, str(script), str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=store_env(),
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(
+    "case", ["missing_directory", "read_only_directory", "corrupt_file", "other_programs_sqlite", "text_file"]
+)
+def test_init_app_refuses_an_unusable_store_file_naming_the_key_and_the_path(tmp_path, case):
+    path = tmp_path / "store.db"
+    if case == "missing_directory":
+        path = tmp_path / "no-such-dir" / "store.db"
+    elif case == "read_only_directory":
+        folder = tmp_path / "read-only"
+        folder.mkdir()
+        folder.chmod(0o500)
+        path = folder / "store.db"
+    elif case == "corrupt_file":
+        path.write_bytes(random.Random(7).randbytes(8192))
+    elif case == "text_file":
+        path.write_text("not a database\n" * 100)
+    else:
+        db = sqlite3.connect(path)
+        db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        db.execute("INSERT INTO users (name) VALUES ('ada')")
+        db.commit()
+        db.close()
+    before = store_sha256(path) if path.exists() else None
+    try:
+        error, message = store_try_init_app(tmp_path, path, case)
+    finally:
+        if case == "read_only_directory":
+            path.parent.chmod(0o700)
+    assert error == "ValueError", (case, error, message)
+    assert STORE_KEY in message and str(path) in message, message
+    if before is not None:
+        assert store_sha256(path) == before, "init_app changed the file it refused"
+    if case == "other_programs_sqlite":
+        db = sqlite3.connect(path)
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+        db.close()
+
+
+def store_try_init_app(tmp_path, path, case):
+    """(exception type name or None, message) of binding an Executor to the store at ``path``."""
+    if case == "read_only_directory" and os.geteuid() == 0:
+        outcome = store_init_without_dac_override(tmp_path, path)
+        print("read-only directory checked as root without CAP_DAC_OVERRIDE (setpriv):", outcome)
+        return outcome["error"], outcome.get("message", "")
+    app = Flask(f"store_bad_{case}")
+    app.config.update(SECRET_KEY="s")
+    app.config[STORE_KEY] = str(path)
+    try:
+        executor = Executor(app)
+    except Exception as raised:
+        return type(raised).__name__, str(raised)
+    executor.shutdown()
+    return None, ""
+
+
+# ---------------------------------------------------------------------------
+# A stuck writer
+# ---------------------------------------------------------------------------
+
+
+STORE_LOCKER_SCRIPT = r"""
+import os, signal, sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=10)
+db.execute("BEGIN IMMEDIATE")
+print("locked", flush=True)
+if sys.argv[2] == "sigstop":
+    os.kill(os.getpid(), signal.SIGSTOP)
+time.sleep(float(sys.argv[3]))
+db.execute("COMMIT")
+"""
+
+
+def store_start_locker(tmp_path, path, how, hold=60):
+    script = tmp_path / "store_locker.py"
+    script.write_text(STORE_LOCKER_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(path), how, str(hold)], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    if how == "sigstop":
+        assert store_wait(lambda: store_process_state(proc.pid) == "T", timeout=10)
+    return proc
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["sleeping", "sigstop"])
+def test_store_held_by_a_stuck_writer_fails_submit_stored_after_a_bounded_wait(
+    store_local, store_path, tmp_path, how
+):
+    _, executor = store_local()
+    assert executor.submit_stored("before", store_square, 2).result(STORE_WAIT) == 4
+    ran = tmp_path / "ran-while-locked"
+    locker = store_start_locker(tmp_path, store_path, how)
+    try:
+        outcome = {}
+
+        def attempt():
+            try:
+                outcome["future"] = executor.submit_stored("locked", store_append_line, str(ran), "x")
+            except BaseException as error:
+                outcome["error"] = error
+
+        thread = threading.Thread(target=attempt, daemon=True)
+        thread.start()
+        # reads never wait for the writer
+        assert "before" in executor.futures and executor.futures.keys() == ["before"]
+        thread.join(20)
+        assert not thread.is_alive(), "submit_stored hung on a locked store"
+        assert isinstance(outcome.get("error"), StoreError), outcome
+        assert "locked" in str(outcome["error"])
+        assert not ran.exists()
+    finally:
+        locker.kill()
+        locker.wait(timeout=10)
+    # the writer gone, the store works again
+    assert executor.submit_stored("locked", store_square, 5).result(STORE_WAIT) == 25
+    assert store_wait(lambda: executor.futures.done("locked"))
+
+
+@pytest.mark.timeout(60)
+def test_store_locked_while_a_task_finishes_leaves_the_pool_working_and_the_task_done(
+    store_local, store_agents, store_path, tmp_path
+):
+    _, executor = store_local(EXECUTOR_MAX_WORKERS=1)
+    gate = threading.Event()
+    future = executor.submit_stored("finishes-while-locked", gate.wait, STORE_WAIT)
+    assert store_wait(lambda: executor.futures.running("finishes-while-locked"))
+    locker = store_start_locker(tmp_path, store_path, "sleeping", hold=7)  # a writer stuck for 7 s
+    try:
+        gate.set()
+        assert future.result(STORE_WAIT) is True
+        locker.wait(timeout=30)
+    finally:
+        if locker.poll() is None:
+            locker.kill()
+            locker.wait(timeout=10)
+    # the worker thread survived the failed write, and runs the next task
+    try:
+        assert executor.submit(store_square, 3).result(15) == 9
+    except concurrent.futures.TimeoutError:
+        pytest.fail("the pool's worker thread died: the store was locked when its task finished")
+    # and no process reads RUNNING forever for a task that finished (its value, or at
+    # worst TaskLost, once the owner stops beating for it)
+    assert store_wait(lambda: executor.futures.done("finishes-while-locked"), timeout=15), (
+        executor.futures._state("finishes-while-locked")
+    )
+    other = store_agents()
+    assert store_wait(lambda: other.value("done", "finishes-while-locked"), timeout=20), other.value(
+        "_state", "finishes-while-locked"
+    )
+    answer = other.futures("result", "finishes-while-locked", 1)
+    print("read elsewhere after the stuck writer:", answer.get("ok") or answer.get("raised"))
+    assert answer.get("ok") == {"value": True} or answer["raised"]["exception"] == "TaskLost", answer
+
+
+# ---------------------------------------------------------------------------
+# Many processes and threads at once
+# ---------------------------------------------------------------------------
+
+
+STORE_HAMMER_SCRIPT = r"""
+import concurrent.futures, json, os, random, sys, threading, time
+from flask import Flask
+from flask_executor import Executor
+
+path, secret, key_count, seconds, log_path, out_path, seed, start_at = sys.argv[1:9]
+app = Flask("hammer_%d" % os.getpid())
+app.config.update(
+    SECRET_KEY=secret, EXECUTOR_FUTURES_STORE=path, EXECUTOR_MAX_WORKERS=2, EXECUTOR_FUTURES_MAX_LENGTH=0
+)
+executor = Executor(app)
+log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+accepted, pops, errors = [], [], []
+counts = {"refused": 0, "cancel_calls": 0}
+
+
+def note(line):
+    os.write(log_fd, (line + "\n").encode())
+
+
+def work(key, uid, pause):
+    note("start %s %s %.9f" % (key, uid, time.monotonic()))
+    time.sleep(pause)
+    note("end %s %s %.9f" % (key, uid, time.monotonic()))
+    return uid
+
+
+def hammer(thread, stop):
+    rng = random.Random("%s-%d-%d" % (seed, os.getpid(), thread))
+    n = 0
+    while time.monotonic() < stop:
+        key = "k%d" % rng.randrange(int(key_count))
+        op = rng.random()
+        try:
+            if op < 0.5:
+                n += 1
+                uid = "%d-%d-%d" % (os.getpid(), thread, n)
+                try:
+                    executor.submit_stored(key, work, key, uid, rng.uniform(0, 0.01))
+                except ValueError:
+                    counts["refused"] += 1
+                else:
+                    accepted.append([key, uid])
+            elif op < 0.8:
+                called = time.monotonic()
+                popped = executor.futures.pop(key)
+                if popped is None:
+                    continue
+                try:
+                    pops.append([key, called, "ok", popped.result(timeout=20)])
+                except concurrent.futures.CancelledError:
+                    pops.append([key, called, "cancelled", None])
+                except BaseException as error:
+                    pops.append([key, called, "error", "%s: %s" % (type(error).__name__, error)])
+            else:
+                executor.futures.cancel(key)
+                counts["cancel_calls"] += 1
+        except BaseException as error:
+            errors.append("%s: %s" % (type(error).__name__, error))
+
+
+while time.time() < float(start_at):
+    time.sleep(0.005)
+stop = time.monotonic() + float(seconds)
+threads = [threading.Thread(target=hammer, args=(i, stop)) for i in range(4)]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join()
+executor.shutdown(wait=True)
+with open(out_path, "w") as out:
+    json.dump({"accepted": accepted, "pops": pops, "errors": errors, "counts": counts}, out)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_eight_processes_hammering_overlapping_keys_lose_no_task_and_run_none_twice(
+    tmp_path, store_path, store_local
+):
+    _, sweeper = store_local()  # creates the store before the hammers start
+    script = tmp_path / "store_hammer.py"
+    script.write_text(STORE_HAMMER_SCRIPT)
+    log_path = tmp_path / "runs.log"
+    log_path.write_text("")
+    start_at = time.time() + 2.0
+    procs = []
+    for index in range(8):
+        out = tmp_path / f"hammer-{index}.json"
+        stderr = open(tmp_path / f"hammer-{index}.stderr", "wb")  # noqa: SIM115 (closed below)
+        procs.append(
+            (
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(script),
+                        str(store_path),
+                        STORE_SECRET,
+                        "20",
+                        "4",
+                        str(log_path),
+                        str(out),
+                        "seed",
+                        str(start_at),
+                    ],
+                    stderr=stderr,
+                    env=store_env(),
+                ),
+                out,
+                stderr,
+            )
+        )
+    reports = []
+    for proc, out, stderr in procs:
+        try:
+            proc.wait(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            stderr.close()
+        stderr_text = Path(stderr.name).read_text(errors="replace")
+        assert proc.returncode == 0, stderr_text[-3000:]
+        assert "Traceback" not in stderr_text, stderr_text[-3000:]
+        reports.append(json.loads(out.read_text()))
+
+    accepted = [tuple(a) for r in reports for a in r["accepted"]]
+    pops = [p for r in reports for p in r["pops"]]
+    errors = [e for r in reports for e in r["errors"]]
+    # what is still stored after every hammer has finished
+    remaining = sweeper.futures.keys()
+    for key in remaining:
+        popped = sweeper.futures.pop(key)
+        try:
+            pops.append([key, time.monotonic(), "ok", popped.result(STORE_WAIT)])
+        except concurrent.futures.CancelledError:
+            pops.append([key, time.monotonic(), "cancelled", None])
+        except BaseException as error:
+            pops.append([key, time.monotonic(), "error", f"{type(error).__name__}: {error}"])
+
+    runs = {}
+    for line in log_path.read_text().splitlines():
+        what, key, uid, at = line.split()
+        runs.setdefault(uid, {"key": key, "start": [], "end": []})[what].append(float(at))
+    summary = {
+        "accepted": len(accepted),
+        "ran": len(runs),
+        "popped": len(pops),
+        "cancelled": sum(p[2] == "cancelled" for p in pops),
+        "refused": sum(r["counts"]["refused"] for r in reports),
+        "cancel_calls": sum(r["counts"]["cancel_calls"] for r in reports),
+    }
+    print("hammer:", summary)
+    assert summary["accepted"] > 100 and summary["ran"] > 50, summary
+    assert errors == [], errors[:10]
+    failed = [p for p in pops if p[2] == "error"]
+    assert failed == [], f"{len(failed)} popped tasks failed (lost?): {failed[:10]}"
+    accepted_uids = {uid for _, uid in accepted}
+    assert len(accepted_uids) == len(accepted)
+    twice = {uid: r for uid, r in runs.items() if len(r["start"]) != 1 or len(r["end"]) != 1}
+    assert twice == {}, f"tasks run twice or unfinished: {list(twice.items())[:10]}"
+    assert set(runs) <= accepted_uids, (
+        f"tasks ran that were never accepted: {sorted(set(runs) - accepted_uids)[:10]}"
+    )
+    results = [p[3] for p in pops if p[2] == "ok"]
+    assert sorted(results) == sorted(runs), (
+        "results popped differ from the tasks that ran: "
+        f"missing {sorted(set(runs) - set(results))[:10]}, extra or repeated "
+        f"{sorted(uid for uid in results if results.count(uid) != 1 or uid not in runs)[:10]}"
+    )
+    assert summary["accepted"] == summary["ran"] + summary["cancelled"], (
+        "every accepted task must either run or be cancelled, and be popped once",
+        summary,
+    )
+    # one key, one task: an entry holds its key from its claim to its pop, and a task runs
+    # after its claim. Two runs under one key may overlap only when one of the two entries
+    # was popped before the other task started (a pop frees the key; the popped task may run
+    # on, untracked). Otherwise both entries held the key at once. (A pop is recorded when
+    # its call began, which is before it took effect: the rule never blames a legal run.)
+    popped_at = {p[3]: p[1] for p in pops if p[2] == "ok"}
+    by_key = {}
+    for uid, run in runs.items():
+        by_key.setdefault(run["key"], []).append((run["start"][0], run["end"][0], uid))
+    overlaps = []
+    for key, key_runs in by_key.items():
+        key_runs.sort()
+        for index, (start, end, uid) in enumerate(key_runs):
+            for later_start, _, later_uid in key_runs[index + 1 :]:
+                if later_start >= end:
+                    break
+                if not (popped_at[uid] < later_start or popped_at[later_uid] < start):
+                    overlaps.append((key, uid, later_uid))
+    assert overlaps == [], f"two tasks held one key at once: {overlaps[:10]}"
+    assert sweeper.futures.keys() == [] and len(sweeper.futures) == 0
+    assert store_raw_row_count(store_path) == 0, "entries left behind in the file"
+
+
+# ---------------------------------------------------------------------------
+# gunicorn
+# ---------------------------------------------------------------------------
+
+
+STORE_GUNICORN_APP = r"""
+import os
+import time
+
+from flask import Flask, jsonify, request
+
+from flask_executor import Executor, report_progress
+
+app = Flask(__name__)
+app.config.update(
+    SECRET_KEY=os.environ["STORE_SECRET"],
+    EXECUTOR_FUTURES_STORE=os.environ["STORE_PATH"],
+    EXECUTOR_MAX_WORKERS=1,
+)
+executor = Executor(app)
+
+
+def gated(gate, started, tag):
+    with open(started, "a") as file:
+        file.write("%s %d\n" % (tag, os.getpid()))
+    deadline = time.monotonic() + 60
+    count = 0
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise TimeoutError("gate %s never opened" % gate)
+        count += 1
+        report_progress(count, None, "pid %d" % os.getpid())
+        time.sleep(0.02)
+    return {"tag": tag, "pid": os.getpid()}
+
+
+def outcome(get):
+    try:
+        return {"value": get()}
+    except BaseException as error:
+        return {"exception": type(error).__name__, "message": str(error)}
+
+
+@app.before_request
+def hold_and_route():
+    not_pid, only_pid = request.args.get("not_pid"), request.args.get("only_pid")
+    if (not_pid and int(not_pid) == os.getpid()) or (only_pid and int(only_pid) != os.getpid()):
+        return jsonify(pid=os.getpid(), skipped=True), 409
+    time.sleep(float(request.args.get("hold", 0)))
+    return None
+
+
+@app.get("/pid")
+def pid():
+    return jsonify(pid=os.getpid())
+
+
+@app.post("/submit")
+def submit():
+    data = request.get_json()
+    accepted, refused = [], []
+    for key in data["keys"]:
+        try:
+            executor.submit_stored(key, gated, data["gate"], data["started"], data.get("tag") or key)
+        except ValueError as error:
+            refused.append([key, str(error)])
+        else:
+            accepted.append(key)
+    return jsonify(pid=os.getpid(), accepted=accepted, refused=refused)
+
+
+@app.get("/query")
+def query():
+    key = request.args["key"]
+    futures = executor.futures
+    progress = futures.progress(key)
+    return jsonify(
+        pid=os.getpid(),
+        present=key in futures,
+        done=futures.done(key),
+        running=futures.running(key),
+        cancelled=futures.cancelled(key),
+        state=futures._state(key),
+        progress=None if progress is None else list(progress),
+        keys=futures.keys(),
+        length=len(futures),
+    )
+
+
+@app.post("/cancel")
+def cancel():
+    return jsonify(pid=os.getpid(), value=executor.futures.cancel(request.args["key"]))
+
+
+@app.post("/pop")
+def pop():
+    popped = executor.futures.pop(request.args["key"])
+    if popped is None:
+        return jsonify(pid=os.getpid(), popped=False)
+    answer = {"pid": os.getpid(), "popped": True, "done_at_pop": popped.done()}
+    if request.args.get("wait"):
+        answer.update(outcome(lambda: popped.result(float(request.args["wait"]))))
+    return jsonify(answer)
+
+
+@app.get("/result")
+def result():
+    key, timeout = request.args["key"], float(request.args.get("timeout", 0))
+    return jsonify(pid=os.getpid(), **outcome(lambda: executor.futures.result(key, timeout)))
+"""
+
+
+STORE_SHELL2HTTP_APP = r"""
+import os
+
+from flask import Flask, jsonify
+from flask_shell2http import Shell2HTTP
+
+from flask_executor import Executor
+
+app = Flask(__name__)
+app.config.update(
+    SECRET_KEY=os.environ["STORE_SECRET"],
+    EXECUTOR_FUTURES_STORE=os.environ["STORE_PATH"],
+    EXECUTOR_MAX_WORKERS=4,
+)
+executor = Executor(app)
+shell2http = Shell2HTTP(app, executor, base_url_prefix="/cmd/")
+shell2http.register_command(endpoint="echo", command_name="echo")
+shell2http.register_command(endpoint="sleep", command_name="sleep")
+
+
+@app.after_request
+def tell_the_worker(response):
+    response.headers["X-Worker-Pid"] = str(os.getpid())
+    return response
+
+
+@app.get("/pid")
+def pid():
+    import time
+    time.sleep(0.2)
+    return jsonify(pid=os.getpid())
+"""
+
+
+def store_free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def store_http(port, method, path, payload=None, timeout=30):
+    """One request on a fresh connection to 127.0.0.1; returns (status, headers, JSON or None)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        body = None if payload is None else json.dumps(payload)
+        headers = {} if payload is None else {"Content-Type": "application/json"}
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        raw = response.read()
+        try:
+            data = json.loads(raw) if raw else None
+        except ValueError:
+            data = {"raw": raw.decode(errors="replace")[:2000]}
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, data
+    finally:
+        conn.close()
+
+
+def store_all_at_once(function, items, workers=16):
+    with concurrent.futures.ThreadPoolExecutor(workers) as clients:
+        return list(clients.map(function, items, timeout=120))
+
+
+class StoreServer:
+    """A gunicorn master started here, serving ``module:app`` on 127.0.0.1 with the store."""
+
+    def __init__(self, directory, app_text, module, workers, store_path):
+        self.directory = Path(directory)
+        (self.directory / f"{module}.py").write_text(app_text)
+        self.module, self.workers, self.store_path = module, workers, store_path
+        self.gates = []
+        self.log_path = self.directory / f"gunicorn-{uuid.uuid4().hex[:6]}.log"
+        self.start()
+
+    def start(self):
+        self.port = store_free_port()
+        env = store_env()
+        env["PYTHONPATH"] = os.pathsep.join([str(self.directory), env["PYTHONPATH"]])
+        env.update(STORE_PATH=str(self.store_path), STORE_SECRET=STORE_SECRET)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gunicorn",
+                    "--preload",
+                    "-w",
+                    str(self.workers),
+                    "-b",
+                    f"127.0.0.1:{self.port}",
+                    "--graceful-timeout",
+                    "3",
+                    "--timeout",
+                    "60",
+                    "--chdir",
+                    str(self.directory),
+                    f"{self.module}:app",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=str(self.directory),
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.proc.poll() is None, "gunicorn exited:\n" + self.log()
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "gunicorn did not start:\n" + self.log()
+                time.sleep(0.1)
+        self.pids = self.find_worker_pids()
+
+    def log(self):
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+    def find_worker_pids(self):
+        """Every worker's pid: concurrent requests that each hold a worker for a while."""
+        seen = set()
+        for _ in range(10):
+            answers = store_all_at_once(
+                lambda _: store_http(self.port, "GET", "/pid?hold=0.2"), range(3 * self.workers)
+            )
+            seen |= {data["pid"] for status, _, data in answers if status == 200}
+            if len(seen) >= self.workers:
+                break
+        assert len(seen) == self.workers, (seen, self.log())
+        return seen
+
+    def gate(self):
+        gate = self.directory / f"gate-{uuid.uuid4().hex[:8]}"
+        self.gates.append(gate)
+        return str(gate)
+
+    def open_gates(self):
+        for gate in self.gates:
+            Path(gate).touch()
+
+    def request(self, method, path, payload=None, timeout=30):
+        status, headers, data = store_http(self.port, method, path, payload, timeout)
+        return status, data
+
+    def routed(self, method, path, payload=None, tries=60):
+        """A request that a worker may skip (409, for not_pid/only_pid), retried until one serves it."""
+        for _ in range(tries):
+            status, data = self.request(method, path, payload)
+            if status != 409:
+                assert status == 200, (path, status, data, self.log())
+                return data
+        raise AssertionError(f"no worker served {path} in {tries} tries")
+
+    def submit(self, keys, gate, started, tag=None, extra=""):
+        status, data = self.request(
+            "POST", f"/submit{extra}", {"keys": keys, "gate": gate, "started": started, "tag": tag}
+        )
+        assert status == 200, (status, data, self.log())
+        return data
+
+    def every_worker(self, path, check, rounds=10):
+        """Sends ``path`` many times at once until every worker answered; checks each answer."""
+        answered = {}
+        for _ in range(rounds):
+            held = f"{path}{'&' if '?' in path else '?'}hold=0.15"
+            answers = store_all_at_once(
+                lambda _, held=held: store_http(self.port, "GET", held), range(3 * self.workers)
+            )
+            for status, _, data in answers:
+                assert status == 200, (path, status, data, self.log())
+                check(data)
+                answered[data["pid"]] = answered.get(data["pid"], 0) + 1
+            if set(answered) >= self.pids:
+                return answered
+        raise AssertionError(f"not every worker answered {path}: {answered} of {self.pids}")
+
+    def stop(self):
+        self.open_gates()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def store_gunicorn3(tmp_path_factory):
+    pytest.importorskip("gunicorn", reason="gunicorn is a test-only dependency (pip install gunicorn)")
+    directory = tmp_path_factory.mktemp("gunicorn3")
+    server = StoreServer(directory, STORE_GUNICORN_APP, "store_gunicorn_app", 3, directory / "futures.db")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store_server(store_gunicorn3):
+    """The module's gunicorn -w 3, with this test's gates opened at teardown."""
+    yield store_gunicorn3
+    store_gunicorn3.open_gates()
+
+
+@pytest.mark.timeout(120)
+def test_gunicorn_every_worker_reads_state_and_live_progress_of_a_task_started_in_one(store_server):
+    server = store_server
+    gate = server.gate()
+    started = gate + ".started"
+    data = server.submit(["g-run", "g-wait"], gate, started)
+    owner = data["pid"]
+    assert data["accepted"] == ["g-run", "g-wait"], data
+    assert store_wait(lambda: Path(started).exists())
+
+    def running(answer):
+        assert answer["present"] is True and answer["running"] is True and answer["done"] is False, answer
+        assert answer["cancelled"] is False and answer["state"] == "RUNNING", answer
+        assert answer["progress"][0] >= 1 and answer["progress"][2] == f"pid {owner}", answer
+        assert {"g-run", "g-wait"} <= set(answer["keys"]) and answer["length"] >= 2, answer
+
+    answered = server.every_worker("/query?key=g-run", running)
+    print("answers for g-run by worker pid (owner", owner, "):", answered)
+
+    def waiting(answer):
+        assert answer["state"] == "PENDING" and answer["running"] is False and answer["done"] is False, answer
+
+    server.every_worker("/query?key=g-wait", waiting)
+    # progress is live, as another worker reads it
+    first = server.routed("GET", f"/query?key=g-run&not_pid={owner}")["progress"][0]
+    assert store_wait(
+        lambda: server.routed("GET", f"/query?key=g-run&not_pid={owner}")["progress"][0] > first
+    )
+
+    Path(gate).touch()
+    answer = server.routed("GET", f"/result?key=g-run&timeout=20&not_pid={owner}")
+    assert answer["value"] == {"tag": "g-run", "pid": owner} and answer["pid"] != owner, answer
+    answer = server.routed("GET", f"/result?key=g-wait&timeout=20&not_pid={owner}")
+    assert answer["value"] == {"tag": "g-wait", "pid": owner}, answer
+
+
+@pytest.mark.timeout(120)
+def test_gunicorn_task_waiting_for_a_worker_is_cancelled_from_another_worker(store_server):
+    server = store_server
+    gate = server.gate()
+    started = gate + ".started"
+    owner = server.submit(["c-run", "c-wait"], gate, started)["pid"]
+    assert store_wait(lambda: Path(started).exists())
+    answer = server.routed("POST", f"/cancel?key=c-wait&not_pid={owner}")
+    assert answer["value"] is True and answer["pid"] != owner, answer
+    answer = server.routed("POST", f"/cancel?key=c-run&not_pid={owner}")
+    assert answer["value"] is False, answer  # running: cannot be cancelled
+
+    def cancelled(answer):
+        assert answer["cancelled"] is True and answer["done"] is True and answer["state"] == "CANCELLED", (
+            answer
+        )
+
+    server.every_worker("/query?key=c-wait", cancelled)
+    Path(gate).touch()
+    assert server.routed("GET", "/result?key=c-run&timeout=20")["value"]["tag"] == "c-run"
+    # one worker thread, first in first out: a task the owner accepts after c-wait finishing
+    # means the owner's worker has passed c-wait
+    after = server.routed(
+        "POST", f"/submit?only_pid={owner}", {"keys": ["c-after"], "gate": gate, "started": started}
+    )
+    assert after["accepted"] == ["c-after"], after
+    assert server.routed("GET", "/result?key=c-after&timeout=20")["value"]["tag"] == "c-after"
+    lines = Path(started).read_text().split()
+    assert "c-wait" not in lines, "the cancelled task ran"
+    answer = server.routed("GET", f"/result?key=c-wait&timeout=5&only_pid={owner}")
+    assert answer["exception"] == "CancelledError", answer
+
+
+@pytest.mark.timeout(120)
+def test_gunicorn_pop_from_another_worker_removes_the_key_everywhere(store_server):
+    server = store_server
+    gate = server.gate()
+    started = gate + ".started"
+    owner = server.submit(["p-run"], gate, started)["pid"]
+    assert store_wait(lambda: Path(started).exists())
+
+    # another worker pops the unfinished task and waits on it
+    with concurrent.futures.ThreadPoolExecutor(1) as popper:
+        popping = popper.submit(server.routed, "POST", f"/pop?key=p-run&not_pid={owner}&wait=20")
+        assert store_wait(lambda: not server.routed("GET", "/query?key=p-run")["present"])
+        assert not popping.done()
+        Path(gate).touch()
+        answer = popping.result(STORE_WAIT)
+    assert answer["popped"] is True and answer["done_at_pop"] is False and answer["pid"] != owner, answer
+    assert answer["value"] == {"tag": "p-run", "pid": owner}, answer
+
+    def gone(answer):
+        assert answer["present"] is False and "p-run" not in answer["keys"] and answer["state"] is None, (
+            answer
+        )
+
+    server.every_worker("/query?key=p-run", gone)
+
+    # a finished task, popped by another worker
+    owner = server.submit(["p-done"], gate, started)["pid"]
+    assert store_wait(lambda: server.routed("GET", "/query?key=p-done")["done"])
+    answer = server.routed("POST", f"/pop?key=p-done&not_pid={owner}&wait=5")
+    assert answer["popped"] is True and answer["done_at_pop"] is True, answer
+    assert answer["value"] == {"tag": "p-done", "pid": owner}, answer
+    assert server.routed("POST", "/pop?key=p-done")["popped"] is False
+    server.every_worker("/query?key=p-done", lambda answer: answer["present"] is False or pytest.fail(answer))
+
+
+@pytest.mark.timeout(120)
+def test_gunicorn_duplicate_start_is_refused_by_every_worker(store_server):
+    server = store_server
+    gate = server.gate()
+    started = gate + ".started"
+    data = server.submit(["d-run"], gate, started)
+    assert data["accepted"] == ["d-run"], data
+    answers = store_all_at_once(
+        lambda _: store_http(
+            server.port,
+            "POST",
+            "/submit?hold=0.15",
+            {"keys": ["d-run"], "gate": gate, "started": started, "tag": "duplicate"},
+        ),
+        range(18),
+    )
+    accepted_by = sorted({data["pid"] for status, _, data in answers if data["accepted"]})
+    refused_by = sorted({data["pid"] for status, _, data in answers if data["refused"]})
+    print("duplicate start refused by", refused_by, "accepted by", accepted_by, "of", sorted(server.pids))
+    assert all(status == 200 for status, _, _ in answers)
+    assert accepted_by == [], f"workers {accepted_by} accepted a key already in use"
+    assert set(refused_by) == server.pids
+    Path(gate).touch()
+    assert server.routed("GET", "/result?key=d-run&timeout=20")["value"]["tag"] == "d-run"
+    time.sleep(0.3)
+    assert [line.split()[0] for line in Path(started).read_text().splitlines()] == ["d-run"]
+
+
+@pytest.mark.timeout(120)
+def test_gunicorn_sigkill_of_the_worker_running_a_task_reads_task_lost_from_the_others(store_server):
+    server = store_server
+    gate = server.gate()
+    started = gate + ".started"
+    owner = server.submit(["k-run"], gate, started)["pid"]
+    assert store_wait(lambda: Path(started).exists())
+    assert server.routed("GET", f"/query?key=k-run&not_pid={owner}")["running"] is True
+    os.kill(owner, signal.SIGKILL)  # a worker of the gunicorn master started by this module
+    answer = store_wait(
+        lambda: (lambda a: a if a["done"] else None)(server.routed("GET", "/query?key=k-run")), timeout=20
+    )
+    assert answer, "the task of a killed worker stayed unfinished"
+    assert answer["state"] == "FINISHED" and answer["running"] is False, answer
+    answer = server.routed("GET", "/result?key=k-run&timeout=5")
+    assert answer["exception"] == "TaskLost" and answer["pid"] != owner, answer
+    server.pids = server.find_worker_pids()  # gunicorn replaced the killed worker
+    assert owner not in server.pids
+    server.every_worker(
+        "/result?key=k-run&timeout=5", lambda a: a["exception"] == "TaskLost" or pytest.fail(a)
+    )
+
+
+@pytest.mark.timeout(120)
+def test_gunicorn_task_running_when_the_whole_server_restarted_reads_task_lost(tmp_path):
+    pytest.importorskip("gunicorn", reason="gunicorn is a test-only dependency (pip install gunicorn)")
+    server = StoreServer(tmp_path, STORE_GUNICORN_APP, "store_gunicorn_app", 3, tmp_path / "futures.db")
+    try:
+        gate = server.gate()
+        started = gate + ".started"
+        owner = server.submit(["r-run"], gate, started)["pid"]
+        assert store_wait(lambda: Path(started).exists())
+        old_workers = set(server.pids)
+        # stop everything (the worker cannot finish its task: a deploy that did not wait)
+        server.proc.terminate()
+        server.proc.wait(timeout=30)
+        assert store_wait(lambda: all(store_gone(pid) for pid in old_workers), timeout=20), old_workers
+        server.start()  # the same store, new workers
+        assert not (server.pids & old_workers)
+        answer = store_wait(
+            lambda: (lambda a: a if a["done"] else None)(server.routed("GET", "/query?key=r-run")), timeout=20
+        )
+        assert answer, "a task running at the restart stayed unfinished"
+        assert answer["present"] is True and answer["running"] is False, answer
+        server.every_worker(
+            "/result?key=r-run&timeout=5", lambda a: a["exception"] == "TaskLost" or pytest.fail(a)
+        )
+        assert owner in old_workers
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(120)
+def test_flask_shell2http_under_gunicorn_finds_every_report_whichever_worker_answers(tmp_path):
+    pytest.importorskip("gunicorn", reason="gunicorn is a test-only dependency (pip install gunicorn)")
+    pytest.importorskip("flask_shell2http", reason="pip install --no-deps flask-shell2http (and blinker)")
+    server = StoreServer(tmp_path, STORE_SHELL2HTTP_APP, "store_shell2http_app", 4, tmp_path / "futures.db")
+    try:
+        port = server.port
+
+        def post(command, args):
+            status, headers, data = store_http(
+                port, "POST", f"/cmd/{command}", {"args": args, "force_unique_key": True}
+            )
+            assert status == 202, (status, data, server.log())
+            assert data["status"] == "running" and data["key"] in data["result_url"], data
+            return data["key"], int(headers["x-worker-pid"])
+
+        # 40 jobs, then every report, polled with wait=false from whichever worker answers
+        words = [f"job-{i}-{uuid.uuid4().hex[:6]}" for i in range(40)]
+        posted = store_all_at_once(lambda word: post("echo", [word]), words)
+
+        def report(job):
+            word, (key, poster) = job
+            deadline = time.monotonic() + STORE_WAIT
+            while True:
+                status, headers, data = store_http(port, "GET", f"/cmd/echo?key={key}&wait=false")
+                assert status == 200, (word, status, data)
+                if data.get("status") != "running":
+                    return word, key, poster, int(headers["x-worker-pid"]), data
+                assert time.monotonic() < deadline, f"job {key} still running"
+                time.sleep(0.02)
+
+        reports = store_all_at_once(report, list(zip(words, posted)), workers=10)
+        for word, key, _, _, data in reports:
+            assert data["key"] == key and data["report"] == word + "\n" and data["returncode"] == 0, data
+            status, _, data = store_http(port, "GET", f"/cmd/echo?key={key}&wait=false")
+            assert status == 404, (status, data)  # the report was popped
+        served_by = {pid for *_, pid, _ in reports}
+        elsewhere = sum(poster != pid for _, _, poster, pid, _ in reports)
+        print(f"40 reports served by workers {sorted(served_by)}; {elsewhere} not by the poster's worker")
+        assert elsewhere >= 1 and len(served_by) >= 2
+
+        # wait=true, from the worker that runs the job and from others
+        outcomes = []
+        for _ in range(6):
+            jobs = store_all_at_once(lambda _: post("sleep", ["0.4"]), range(8))
+
+            def wait_for(job):
+                key, poster = job
+                status, headers, data = store_http(port, "GET", f"/cmd/sleep?key={key}&wait=true")
+                return key, poster == int(headers["x-worker-pid"]), status, data
+
+            outcomes += store_all_at_once(wait_for, jobs)
+            if {same for _, same, _, _ in outcomes} == {True, False}:
+                break
+        assert {same for _, same, _, _ in outcomes} == {True, False}, "never hit both kinds of worker"
+        bad = [
+            (key, "owner" if same else "other", status, data)
+            for key, same, status, data in outcomes
+            if status != 200 or data.get("returncode") != 0 or data.get("key") != key
+        ]
+        assert bad == [], f"GET wait=true failed: {bad[:5]}"
+
+        # DELETE from a worker other than the one running the job
+        for _ in range(20):
+            key, poster = post("sleep", ["1"])
+            status, headers, data = store_http(port, "DELETE", f"/cmd/sleep?key={key}")
+            if int(headers["x-worker-pid"]) != poster:
+                break
+        assert int(headers["x-worker-pid"]) != poster, "every DELETE reached the poster's worker"
+        assert status == 204, (status, data)
+        gone = store_all_at_once(
+            lambda _: store_http(port, "GET", f"/cmd/sleep?key={key}&wait=false"), range(16)
+        )
+        assert {status for status, _, _ in gone} == {404}, gone
+        assert len({int(headers["x-worker-pid"]) for _, headers, _ in gone}) >= 2
+    finally:
+        server.stop()
