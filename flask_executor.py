@@ -199,6 +199,8 @@ class Executor(concurrent.futures.Executor):
             not run.
         :raises RuntimeError: the executor was shut down, or was never bound to an app.
         """
+        if args:  # the common form: submit(fn, ...)
+            return self._submit(_NO_KEY, args[0], args[1:], kwargs, self._capture_contexts())
         (fn,), args = _split_1_0_call("submit", ("fn",), args, kwargs)
         return self._submit(_NO_KEY, fn, args, kwargs, self._capture_contexts())
 
@@ -227,6 +229,8 @@ class Executor(concurrent.futures.Executor):
         :raises ValueError: ``future_key`` is already in use, or is ``None``. Nothing
             has run.
         """
+        if len(args) >= 2:  # the common form: submit_stored(key, fn, ...)
+            return self._submit(args[0], args[1], args[2:], kwargs, self._capture_contexts())
         (future_key, fn), args = _split_1_0_call("submit_stored", ("future_key", "fn"), args, kwargs)
         return self._submit(future_key, fn, args, kwargs, self._capture_contexts())
 
@@ -645,7 +649,10 @@ class TaskFuture(concurrent.futures.Future[T]):
             self.cancel()  # cancelled by another process, or taken for lost
             return False
         with self._condition:  # taken by cancel() too, so the two cannot interleave
-            return self._state == "PENDING" and self.set_running_or_notify_cancel()
+            if self._state != "PENDING":
+                return False
+            self._state = "RUNNING"  # as set_running_or_notify_cancel() does for a pending future
+            return True
 
 
 class Progress(NamedTuple):
@@ -1671,8 +1678,9 @@ class _ProcessPool(_HandOverPool):
     :class:`~concurrent.futures.ProcessPoolExecutor`: worker processes.
 
     Tasks wait in a queue of this pool, and only as many are handed to the
-    ProcessPoolExecutor as its workers and its call queue take (one more than the
-    workers). So a task cancelled while it waits is never sent; a waiting task is
+    ProcessPoolExecutor as its workers and its call queue take (twice the workers,
+    plus one), in batches once half have come back, which wakes its manager thread
+    less often than one at a time. So a task cancelled while it waits is never sent; a waiting task is
     pending and a handed-over one running, as the executor's own futures say; and
     when a worker dies and the executor breaks, only the handed-over tasks fail
     with BrokenProcessPool. The waiting ones provably never reached a worker, and
@@ -1700,11 +1708,15 @@ class _ProcessPool(_HandOverPool):
             self._waiting.append((task, call))
         self._hand_over_waiting()
 
-    def _hand_over_waiting(self) -> None:
+    def _hand_over_waiting(self, refill: bool = True) -> None:
+        workers = cast(int, self.worker_count)
         while True:
             with self._lock:
-                if not self._waiting or self._handed_over > cast(int, self.worker_count):
+                if not self._waiting or self._handed_over > 2 * workers:
                     return
+                if not refill and self._handed_over > workers:
+                    return  # refilled in batches, from half full: fewer wake-ups of the executor
+                refill = True
                 task, call = self._waiting.popleft()
                 if not task.future._start():
                     continue  # cancelled while it waited
@@ -1723,7 +1735,7 @@ class _ProcessPool(_HandOverPool):
         with self._lock:
             self._handed_over -= 1
         super()._settle(task, executor, handed_over)
-        self._hand_over_waiting()
+        self._hand_over_waiting(refill=False)
 
     def _settle_unsent(self, task: _Task, error: BaseException) -> None:
         with self._lock:
@@ -1912,23 +1924,29 @@ class _MemoryStore:
     """Stored futures in this process's memory, by key: the default store.
 
     Adding past ``max_length`` drops the oldest finished future (oldest by when it
-    was stored) without a scan: each stored future, when it finishes, puts its key
-    on a heap ordered by that. Only when none has finished does the oldest of all go.
+    was stored) without a scan: each stored future, when it finishes, queues its
+    key, and the queue feeds a heap ordered by age. Only when none has finished
+    does the oldest of all go. Futures are watched this way from when the store
+    is half full, so that a store that never fills pays nothing for it.
     """
 
+    shared = False
+
     def __init__(self) -> None:
-        self.futures: dict[Hashable, concurrent.futures.Future[Any]] = {}
-        # When each key was stored, to tell a heap entry of the stored future from
-        # one of a future that was popped since.
-        self._stored_at: dict[Hashable, int] = {}
-        self._finished: list[tuple[int, Hashable]] = []
+        # Ordered, so that the oldest key is found at once (1.0's was ordered too).
+        self.futures: collections.OrderedDict[Hashable, concurrent.futures.Future[Any]] = (
+            collections.OrderedDict()
+        )
+        # Finished futures as (age, key, future): appended by their done callbacks,
+        # without the lock (a deque's append is atomic), and heaped by add().
+        self._finished_lately: collections.deque[tuple[int, Hashable, Any]] = collections.deque()
+        self._finished: list[tuple[int, Hashable, Any]] = []
         # How many keys hold each future, so that ``future in collection`` is a
         # dictionary lookup rather than a scan of every value.
         self._key_counts: dict[concurrent.futures.Future[Any], int] = {}
-        self._next = itertools.count()
+        self._ages = itertools.count()
+        self._watching = False
         self._lock = threading.Lock()
-
-    shared = False
 
     def add(self, key: Hashable, future: concurrent.futures.Future[Any], max_length: int) -> list[Hashable]:
         """Stores ``future`` under ``key``; returns the keys of the unfinished
@@ -1938,18 +1956,33 @@ class _MemoryStore:
                 raise ValueError(
                     f"future key {key!r} is already in use: pop() it first, or choose another key"
                 )
-            stored_at = next(self._next)
             self.futures[key] = future
-            self._stored_at[key] = stored_at
             self._key_counts[future] = self._key_counts.get(future, 0) + 1
-            dropped = self._drop_over(max_length, key) if max_length else []
-        # Outside the lock: a future already done calls back at once.
-        when_done = functools.partial(self._finished_one, key, stored_at)
+            if self._watching:
+                self._watch(key, future)
+            elif max_length and 2 * len(self.futures) >= max_length:
+                self._watching = True  # from now on; and the futures stored so far too
+                for stored_key, stored in self.futures.items():
+                    self._watch(stored_key, stored)
+            if self._finished_lately:
+                self._heap_finished()
+            return self._drop_over(max_length, key) if 0 < max_length < len(self.futures) else []
+
+    def _watch(self, key: Hashable, future: concurrent.futures.Future[Any]) -> None:
+        """Has ``future`` queue its key when it finishes (at once if it has)."""
+        age, finished_lately = next(self._ages), self._finished_lately
+
+        # The callback takes the future as its argument rather than holding it, which
+        # would make a cycle (future, its callbacks, this callback) that only the
+        # cyclic garbage collector could free. It takes no lock: a deque's append is
+        # atomic, and a future already done calls back at once, here.
+        def when_done(done: Any) -> None:
+            finished_lately.append((age, key, done))
+
         if isinstance(future, concurrent.futures.Future):
-            concurrent.futures.Future.add_done_callback(future, when_done)  # no app context needed
+            concurrent.futures.Future.add_done_callback(future, when_done)  # needs no app context
         else:
             future.add_done_callback(when_done)
-        return dropped
 
     def get(self, key: Hashable) -> concurrent.futures.Future[Any] | None:
         try:
@@ -1982,17 +2015,8 @@ class _MemoryStore:
     def after_fork(self) -> None:
         self._lock = threading.Lock()
 
-    def _finished_one(self, key: Hashable, stored_at: int, future: object) -> None:
-        with self._lock:
-            if self._stored_at.get(key) != stored_at:
-                return  # popped or dropped since
-            heapq.heappush(self._finished, (stored_at, key))
-            # Popped keys leave entries behind; sweep them once they outnumber the rest.
-            if len(self._finished) > 2 * len(self.futures) + 64:
-                self._finished = [entry for entry in self._finished if self._is_stored(entry)]
-                heapq.heapify(self._finished)
-
     def _drop_over(self, max_length: int, newest: Hashable) -> list[Hashable]:
+        """Called with the lock held."""
         dropped_unfinished = []
         while len(self.futures) > max_length:
             key = self._oldest_finished(newest)
@@ -2002,6 +2026,16 @@ class _MemoryStore:
             self._remove(key)
         return dropped_unfinished
 
+    def _heap_finished(self) -> None:
+        """Called with the lock held."""
+        finished, lately = self._finished, self._finished_lately
+        while lately:
+            heapq.heappush(finished, lately.popleft())
+        # Popped keys leave entries behind; sweep them once they outnumber the rest.
+        if len(finished) > 2 * len(self.futures) + 64:
+            finished[:] = [entry for entry in finished if self._is_stored(entry)]
+            heapq.heapify(finished)
+
     def _oldest_finished(self, newest: Hashable) -> Hashable | None:
         finished = self._finished
         while finished and not self._is_stored(finished[0]):
@@ -2010,12 +2044,11 @@ class _MemoryStore:
             return None
         return heapq.heappop(finished)[1]
 
-    def _is_stored(self, entry: tuple[int, Hashable]) -> bool:
-        return self._stored_at.get(entry[1]) == entry[0]
+    def _is_stored(self, entry: tuple[int, Hashable, Any]) -> bool:
+        return self.futures.get(entry[1]) is entry[2]
 
     def _remove(self, key: Hashable) -> concurrent.futures.Future[Any]:
         future = self.futures.pop(key)
-        del self._stored_at[key]
         count = self._key_counts[future] - 1
         if count:
             self._key_counts[future] = count
