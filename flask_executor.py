@@ -788,10 +788,11 @@ class FuturesStore(Protocol):
         """Atomically: marks the entry under ``key`` ``CANCELLED`` if it is ``PENDING``."""
 
     def read(self, key: str) -> StoredTask | None:
-        """The entry under ``key``, or ``None``."""
+        """The entry under ``key``, or ``None``. Its outcome may be left out (``None``),
+        which makes the frequent question, whether a task is done, cheaper to answer."""
 
     def read_entry(self, entry_id: Any) -> StoredTask | None:
-        """The entry with this id, popped or not, or ``None``."""
+        """The entry with this id, popped or not, outcome included, or ``None``."""
 
     def pop(self, key: str) -> StoredTask | None:
         """Atomically: takes ``key`` out of use and returns its entry. A finished
@@ -2445,6 +2446,8 @@ class _StoredFuture:
                 ("result", local.result()) if exception is None else ("exception", exception)
             )
         else:
+            if record.outcome is None:  # read by key, which may leave the outcome out
+                record = self._store.backend.read_entry(record.id) or record
             outcome = self._store.signer.loads("outcome", cast(bytes, record.outcome), self)
         if self._popped and record.key is None:
             self._store.backend.delete(record.id)  # detached for this reader, who has it now
@@ -2898,6 +2901,8 @@ class _RedisStore:
         }
 
     def claim(self, key: str, owner: str, max_length: int) -> tuple[Any, list[str]] | None:
+        # The owner is marked alive at every claim: its mark may have vanished (a flush, a
+        # restart of Redis), and a reader that finds none takes the task for lost for good.
         claimed = self._run("claim", key, owner, max_length, time.time(), self._ttl or 0, _LOST_AFTER_SECONDS)
         if not claimed:
             return None
@@ -3021,13 +3026,15 @@ local function expire(ttl, now)
         for _, id in ipairs(expired) do drop(id) end
     end
 end
-local function record(id)
+local function record(id, with_outcome)
     local entry = prefix .. ':e:' .. id
-    local fields = redis.call('HMGET', entry, 'key', 'state', 'owner', 'outcome', 'progress')
+    local fields = redis.call('HMGET', entry, 'key', 'state', 'owner', 'progress')
     if not fields[2] then return nil end
     local alive = 0
     if fields[3] then alive = redis.call('EXISTS', 'flask_executor:owner:' .. fields[3]) end
-    return {id, fields[1], fields[2], fields[3], fields[4] or '', fields[5] or '', alive}
+    local outcome = ''
+    if with_outcome then outcome = redis.call('HGET', entry, 'outcome') or '' end
+    return {id, fields[1], fields[2], fields[3], outcome, fields[4] or '', alive}
 end
 """
 _REDIS_SCRIPTS = {
@@ -3035,10 +3042,9 @@ _REDIS_SCRIPTS = {
     "claim": """
 local key, owner, max_length, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 expire(ARGV[5], now)
-if redis.call('HEXISTS', prefix .. ':keys', key) == 1 then return false end
 local id = redis.call('INCR', prefix .. ':seq')
+if redis.call('HSETNX', prefix .. ':keys', key, id) == 0 then return false end
 redis.call('HSET', prefix .. ':e:' .. id, 'key', key, 'state', 'PENDING', 'owner', owner)
-redis.call('HSET', prefix .. ':keys', key, id)
 redis.call('ZADD', prefix .. ':order', id, id)
 redis.call('SET', 'flask_executor:owner:' .. owner, 1, 'PX', math.floor(tonumber(ARGV[6]) * 1000))
 local result = {id}
@@ -3085,20 +3091,20 @@ redis.call('ZADD', prefix .. ':finished', id, id)
 redis.call('ZADD', prefix .. ':done_at', ARGV[2], id)
 return 1
 """,
-    # ARGV: key (or ''), id (or ''), ttl, now
+    # ARGV: key (or ''), id (or ''), ttl, now; by key without the outcome, by id with it
     "read": """
 expire(ARGV[3], tonumber(ARGV[4]))
 local id = ARGV[2]
 if ARGV[1] ~= '' then id = redis.call('HGET', prefix .. ':keys', ARGV[1]) end
 if not id then return nil end
-return record(id)
+return record(id, ARGV[1] == '')
 """,
     # ARGV: key, ttl, now
     "pop": """
 expire(ARGV[2], tonumber(ARGV[3]))
 local id = redis.call('HGET', prefix .. ':keys', ARGV[1])
 if not id then return nil end
-local found = record(id)
+local found = record(id, true)
 if found[3] == 'PENDING' or found[3] == 'RUNNING' then
     redis.call('HDEL', prefix .. ':keys', ARGV[1])
     redis.call('HSET', prefix .. ':e:' .. id, 'key', '')

@@ -407,6 +407,18 @@ def test_map_timeout_raises_timeout_error(executor):
         release.set()
 
 
+def test_task_waiting_on_a_task_of_its_own_full_pool_waits_for_ever(make_executor):
+    # A limit shared with the standard pools, and documented: the inner task needs the worker
+    # that the outer one holds while it waits, so only a timeout ends the wait.
+    executor = make_executor(EXECUTOR_MAX_WORKERS=1)
+
+    def outer():
+        return executor.submit(square_number, 3).result(timeout=1)
+
+    with pytest.raises(concurrent.futures.TimeoutError):
+        executor.submit(outer).result(timeout=WAIT_SECONDS)
+
+
 @pytest.mark.parametrize("executor_type", ["thread", "process", "sync"])
 def test_submit_after_shutdown_raises_runtime_error(make_executor, executor_type):
     executor = make_executor(EXECUTOR_TYPE=executor_type, EXECUTOR_MAX_WORKERS=2)
@@ -9479,6 +9491,35 @@ SRV_WAITRESS_SERVE = (
     "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
     " from waitress.runner import run; sys.exit(run(argv=['waitress-serve', *sys.argv[1:]]))"
 )
+
+
+@pytest.mark.timeout(120)
+def test_waitress_sigterm_exits_at_once_and_loses_accepted_tasks(tmp_path):
+    # A limit, documented rather than wanted: waitress dies on SIGTERM without running
+    # Python's exit handlers, so the tasks it accepted never run. Stop it with SIGINT.
+    out = tmp_path / "out"
+    (out / "results").mkdir(parents=True)
+    (tmp_path / "srv_waitress_app.py").write_text(SRV_WAITRESS_APP)
+    port = srv_free_port()
+    log_path = tmp_path / "waitress.log"
+    proc = srv_start_server(
+        [sys.executable, "-c", SRV_WAITRESS_SERVE, f"--listen=127.0.0.1:{port}", "--threads=4", "srv_waitress_app:app"],
+        tmp_path,
+        log_path,
+        SRV_OUT=str(out),
+    )
+    try:
+        srv_wait_for_server(proc, port, log_path)
+        for index in range(4):
+            assert srv_http(port, "POST", f"/task/task-{index}") == (200, b"accepted")
+        proc.send_signal(signal.SIGTERM)
+        code = srv_wait_for_exit(proc, timeout=SRV_WAIT)
+        assert code in (-signal.SIGTERM, 128 + signal.SIGTERM), f"exit code {code}:\n" + log_path.read_text()
+        (out / "release").touch()  # too late: nothing is left to run them
+        time.sleep(0.5)
+        assert list((out / "results").iterdir()) == []
+    finally:
+        srv_stop_group(proc)
 
 
 @pytest.mark.timeout(120)
