@@ -9503,7 +9503,14 @@ def test_waitress_sigterm_exits_at_once_and_loses_accepted_tasks(tmp_path):
     port = srv_free_port()
     log_path = tmp_path / "waitress.log"
     proc = srv_start_server(
-        [sys.executable, "-c", SRV_WAITRESS_SERVE, f"--listen=127.0.0.1:{port}", "--threads=4", "srv_waitress_app:app"],
+        [
+            sys.executable,
+            "-c",
+            SRV_WAITRESS_SERVE,
+            f"--listen=127.0.0.1:{port}",
+            "--threads=4",
+            "srv_waitress_app:app",
+        ],
         tmp_path,
         log_path,
         SRV_OUT=str(out),

@@ -14,7 +14,6 @@
 import ast
 import dataclasses
 import importlib.util
-import os
 import re
 import subprocess
 import sys
