@@ -30,7 +30,11 @@ FLASKS = {
     "3.1": ["flask>=3.1,<3.2", "werkzeug>=3.1,<3.2"],
 }
 # The library suite's own test dependencies (examples/ has its own requirements and needs Flask 3).
-TEST_DEPS = ["pytest>=8", "pytest-timeout>=2.3", "distributed", "gunicorn", "docutils"]
+TEST_DEPS = [
+    *("pytest>=8", "pytest-timeout>=2.3", "distributed", "gunicorn", "docutils"),
+    # the real servers, the Redis client and the dependent library the suite runs
+    *("pyuwsgi", "waitress", "redis", "flask-shell2http", "blinker"),
+]
 CORNERS = {(PYTHONS[0], "2.2"), (PYTHONS[-1], "3.1")}
 # Flask 3.2 merges the request context into the app context; it needs Werkzeug 3.1 or later. The
 # wheel is shared with the project in ../shared/wheels; .ci/wheels keeps a copy for clean clones.

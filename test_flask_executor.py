@@ -9493,30 +9493,30 @@ SRV_WAITRESS_SERVE = (
 )
 
 
-@pytest.mark.timeout(120)
-def test_waitress_sigterm_exits_at_once_and_loses_accepted_tasks(tmp_path):
-    # A limit, documented rather than wanted: waitress dies on SIGTERM without running
-    # Python's exit handlers, so the tasks it accepted never run. Stop it with SIGINT.
+def srv_start_waitress(tmp_path):
+    """A real waitress serving SRV_WAITRESS_APP with 4 threads on a free port, ready; the
+    process, its port, the folder its tasks write to, and its log."""
     out = tmp_path / "out"
     (out / "results").mkdir(parents=True)
     (tmp_path / "srv_waitress_app.py").write_text(SRV_WAITRESS_APP)
     port = srv_free_port()
     log_path = tmp_path / "waitress.log"
-    proc = srv_start_server(
-        [
-            sys.executable,
-            "-c",
-            SRV_WAITRESS_SERVE,
-            f"--listen=127.0.0.1:{port}",
-            "--threads=4",
-            "srv_waitress_app:app",
-        ],
-        tmp_path,
-        log_path,
-        SRV_OUT=str(out),
-    )
+    command = [sys.executable, "-c", SRV_WAITRESS_SERVE, f"--listen=127.0.0.1:{port}", "--threads=4"]
+    proc = srv_start_server([*command, "srv_waitress_app:app"], tmp_path, log_path, SRV_OUT=str(out))
     try:
         srv_wait_for_server(proc, port, log_path)
+    except BaseException:
+        srv_stop_group(proc)
+        raise
+    return proc, port, out, log_path
+
+
+@pytest.mark.timeout(120)
+def test_waitress_sigterm_exits_at_once_and_loses_accepted_tasks(tmp_path):
+    # A limit, documented rather than wanted: waitress dies on SIGTERM without running
+    # Python's exit handlers, so the tasks it accepted never run. Stop it with SIGINT.
+    proc, port, out, log_path = srv_start_waitress(tmp_path)
+    try:
         for index in range(4):
             assert srv_http(port, "POST", f"/task/task-{index}") == (200, b"accepted")
         proc.send_signal(signal.SIGTERM)
@@ -9531,26 +9531,8 @@ def test_waitress_sigterm_exits_at_once_and_loses_accepted_tasks(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_waitress_sigint_stops_serving_and_exits_once_accepted_tasks_complete(tmp_path):
-    out = tmp_path / "out"
-    (out / "results").mkdir(parents=True)
-    (tmp_path / "srv_waitress_app.py").write_text(SRV_WAITRESS_APP)
-    port = srv_free_port()
-    log_path = tmp_path / "waitress.log"
-    proc = srv_start_server(
-        [
-            sys.executable,
-            "-c",
-            SRV_WAITRESS_SERVE,
-            f"--listen=127.0.0.1:{port}",
-            "--threads=4",
-            "srv_waitress_app:app",
-        ],
-        tmp_path,
-        log_path,
-        SRV_OUT=str(out),
-    )
+    proc, port, out, log_path = srv_start_waitress(tmp_path)
     try:
-        srv_wait_for_server(proc, port, log_path)
         names = [f"task-{index}" for index in range(6)]  # 2 running, 4 waiting for a worker
         for name in names:
             assert srv_http(port, "POST", f"/task/{name}") == (200, b"accepted")

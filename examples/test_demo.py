@@ -15,6 +15,7 @@ Run from the repository root::
     python -m pytest examples/test_demo.py -rs
 """
 
+import contextlib
 import html
 import io
 import json
@@ -260,15 +261,25 @@ def server(browser, tmp_path_factory):
         print("---- demo server log ----\n" + srv.tail(200))
 
 
-@pytest.fixture
-def page(browser, server):
+@contextlib.contextmanager
+def demo_page(browser, server):
+    """A fresh browser context on the server's pages; yields the page and the list of
+    JavaScript errors seen on it."""
     context = browser.new_context(viewport={"width": 1000, "height": 700}, base_url=server.url)
     context.set_default_timeout(WAIT_MS)
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
+    try:
+        yield page, errors
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    with demo_page(browser, server) as (page, errors):
+        yield page
     print("---- demo server log (tail) ----\n" + server.tail())
     assert not errors, f"JavaScript errors on the page: {errors}"
 
@@ -533,13 +544,8 @@ def gunicorn_server(browser, tmp_path_factory):
 
 @pytest.fixture
 def gunicorn_page(browser, gunicorn_server):
-    context = browser.new_context(viewport={"width": 1000, "height": 700}, base_url=gunicorn_server.url)
-    context.set_default_timeout(WAIT_MS)
-    page = context.new_page()
-    errors = []
-    page.on("pageerror", lambda exc: errors.append(str(exc)))
-    yield page
-    context.close()
+    with demo_page(browser, gunicorn_server) as (page, errors):
+        yield page
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
