@@ -372,6 +372,7 @@ class Executor(concurrent.futures.Executor):
         self._lock = threading.Lock()
         pool = self._pool
         if pool is not None:
+            _inherited.append(pool)
             self._pool = pool.after_fork()
             self._bound = _QueueBound.for_pool(self._config, self._pool)
         self.futures._after_fork()
@@ -1611,10 +1612,6 @@ class _HandOverPool(_Pool):
         return chunksize
 
     def after_fork(self) -> _Pool:
-        # The parent's executor is never collected here: collecting it takes a lock
-        # that a thread of the parent may have held when the process forked.
-        if self._executor is not None:
-            _left_behind.append(self._executor)
         return type(self)(self._make_executor, None, cast(int, self.worker_count), self._app_reference)
 
     def _hand_over(self, task: _Task, call: tuple[Any, ...]) -> None:
@@ -1670,7 +1667,7 @@ class _HandOverPool(_Pool):
         )
 
 
-# Executors left behind by a fork or because they broke; see _HandOverPool.
+# Executors that broke; see _HandOverPool._settle.
 _left_behind: collections.deque[object] = collections.deque(maxlen=16)
 
 
@@ -1879,6 +1876,11 @@ def _make_pool(config: _Config, name: str) -> _Pool:
         return _ThreadPool(workers, f"flask_executor_{name}" if name else "flask_executor")
     app_reference = (config.app_key, config.process_app) if config.push_app_context else None
     if config.kind == "process":
+        if config.max_workers is not None and config.max_workers > _MAX_PROCESSES:
+            raise ValueError(
+                f"{config.prefix}MAX_WORKERS must be at most {_MAX_PROCESSES} for a process pool, got"
+                f" {config.max_workers!r}: each worker is a process of its own"
+            )
         make_process_pool = functools.partial(_new_process_pool, config)
         return _ProcessPool(make_process_pool, None, config.max_workers or cpus, app_reference)
     make_configured = functools.partial(_new_configured_executor, config)
@@ -1888,6 +1890,10 @@ def _make_pool(config: _Config, name: str) -> _Pool:
     if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
         return _ProcessPool(make_configured, executor, config.max_workers or cpus, app_reference)
     return _ConfiguredPool(make_configured, executor, config.max_workers or cpus, app_reference)
+
+
+# The process pool's call queue holds one more than its workers, in a semaphore.
+_MAX_PROCESSES = 2**31 - 2
 
 
 def _new_process_pool(config: _Config) -> concurrent.futures.Executor:
@@ -2702,7 +2708,7 @@ class _SQLiteStore:
     def after_fork(self) -> None:
         # A connection must not cross a fork; closing the parent's here could even
         # delete its WAL file, so they are left alone, and new ones made.
-        _left_behind.append(self._connections)
+        _inherited.append(self._connections)
         self._connections = threading.local()
         self._write_lock = threading.Lock()
         self._pid = os.getpid()
@@ -3272,11 +3278,6 @@ def _read_config(config: Mapping[str, Any], name: str) -> _Config:
     type_key = prefix + "TYPE"
     kind, factory = _read_type(type_key, config.get(type_key, "thread"))
     max_workers = _read_integer(config, prefix + "MAX_WORKERS", None, minimum=1)
-    if kind == "process" and max_workers is not None and max_workers > _MAX_PROCESSES:
-        raise ValueError(
-            f"{prefix}MAX_WORKERS must be at most {_MAX_PROCESSES} for a process pool, got"
-            f" {config[prefix + 'MAX_WORKERS']!r}: each worker is a process of its own"
-        )
     max_tasks_per_child = _read_integer(config, prefix + "MAX_TASKS_PER_CHILD", None, minimum=1)
     mp_context = config.get(prefix + "MP_CONTEXT")
     if mp_context is not None and mp_context not in _start_methods():
@@ -3312,10 +3313,6 @@ def _read_config(config: Mapping[str, Any], name: str) -> _Config:
         app_key=uuid.uuid4().hex,
         prefix=prefix,
     )
-
-
-# The process pool's call queue holds one more than its workers, in a semaphore.
-_MAX_PROCESSES = 2**31 - 2
 
 
 def _start_methods() -> list[str]:
@@ -3508,6 +3505,11 @@ def _finish_thread_pools_at_exit() -> None:
 
 
 _this_process = _ThisProcess()
+# What a new process inherited from its parent and must never collect: collecting a
+# pool wakes its threads and takes its locks, and the threads (one of which may have
+# held a lock at the fork) do not exist here. After a fork in C, Python 3.13 crashes
+# outright on waking a thread that does not exist. One entry per pool and per store.
+_inherited: list[object] = []
 _live_executors: weakref.WeakSet[Executor] = weakref.WeakSet()
 os.register_at_fork(after_in_child=_this_process.start_over)
 atexit.register(_finish_thread_pools_at_exit)
