@@ -21,9 +21,7 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,8 +31,11 @@ import uuid
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
+for folder in (HERE, os.path.join(HERE, "recipes")):  # the demo; the helpers the recipes' tests share
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+
+from servers import CHROMIUM_ARGS, find_chromium, free_port, no_control_socket, wait_until  # noqa: E402
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -44,16 +45,6 @@ except ImportError:  # pragma: no cover - depends on the environment
 # Every test is bounded (pytest-timeout); every wait inside a test has its own bound.
 pytestmark = pytest.mark.timeout(180)
 
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 WAIT_MS = 30_000  # default bound of every Playwright wait
 
 CSV_TEXT = "city,temperature,rain\nOslo,4.5,10\nRome,18,2\nCairo,30.5,0\nLima,12,\n"
@@ -88,19 +79,6 @@ CSV_ORDER_NUMERIC = ["zeta", "alpha", "2021", "10", "mid"]
 # --------------------------------------------------------------------------
 
 
-def find_chromium():
-    candidates = [
-        os.environ.get("CHROMIUM_PATH"),
-        "/usr/bin/chromium",
-        shutil.which("chromium"),
-        shutil.which("chromium-browser"),
-    ]
-    for path in candidates:
-        if path and os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    return None
-
-
 def browser_missing_reason():
     if sync_playwright is None:
         return "Playwright for Python is not installed (pip install playwright)"
@@ -110,31 +88,6 @@ def browser_missing_reason():
             "(apt-get install chromium) or set CHROMIUM_PATH"
         )
     return None
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def no_control_socket():
-    """gunicorn's option not to open its control socket (one file in the home directory for
-    every gunicorn of the user), where this gunicorn has one."""
-    from gunicorn.config import KNOWN_SETTINGS
-
-    return ["--no-control-socket"] if any(s.name == "control_socket_disable" for s in KNOWN_SETTINGS) else []
-
-
-def wait_until(predicate, timeout, interval=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class DemoServer:
