@@ -488,7 +488,6 @@ class FutureCollection:
         # (``futures._futures.get(key)``, as Flask-Shell2HTTP does).
         self._futures: Any = self._store.futures
         self._eviction_warnings = _WarningLimiter()
-        self._forked = False
         self._store_key = "EXECUTOR_FUTURES_STORE"
 
     def add(self, future_key: Hashable, future: concurrent.futures.Future[Any]) -> None:
@@ -498,8 +497,8 @@ class FutureCollection:
         """
         if future_key is None:
             raise ValueError("future_key cannot be None: choose a key, such as a string or a number")
-        if self._forked and not self._store.shared:
-            self._forked = False  # one warning is enough
+        if self._store.forked:
+            self._store.forked = False  # one warning is enough
             self.logger.warning(
                 "Stored futures are kept per process, and this process was forked from the one that"
                 " bound the executor (gunicorn --preload, uWSGI): a request that another worker"
@@ -583,7 +582,6 @@ class FutureCollection:
 
     def _after_fork(self) -> None:
         self._store.after_fork()
-        self._forked = True
 
     def _use(self, store: _MemoryStore | _SharedStore) -> None:
         self._store = store
@@ -824,6 +822,8 @@ def propagate_exceptions_callback(future: concurrent.futures.Future[Any]) -> Non
 
         executor.add_default_done_callback(propagate_exceptions_callback)
     """
+    if future.cancelled():
+        return  # a cancelled task did not fail
     exception = future.exception()
     if exception is not None:
         raise exception
@@ -1309,7 +1309,7 @@ def _call_done_callback(fn: Callable[[Any], object], future: TaskFuture[Any]) ->
     except Exception as error:
         if settings is None:
             raise  # concurrent.futures logs it, as for any future
-        if error is future.exception() and settings.log_exceptions:
+        if not future.cancelled() and error is future.exception() and settings.log_exceptions:
             return  # propagate_exceptions_callback re-raised a failure already logged
         settings.app.logger.error("Done callback %s of a task failed", _describe(fn), exc_info=error)
 
@@ -1331,9 +1331,11 @@ def _run_call(
     app_reference: tuple[str, str | None] | None,
     call_id: str | None,
 ) -> Any:
-    # A forked worker starts with the context variables of the thread that forked
-    # it, that thread's request included: a task must not see them.
-    # Only then: an executor's own worker threads keep their context (Dask's get_worker()).
+    # call_id is not read: it only makes each call unique (see _ConfiguredPool.schedule).
+    # A forked worker starts with the context variables of the thread that forked it,
+    # that thread's app and request included, which a task must not see: an app context
+    # current here was inherited so. Otherwise the thread's own context is kept, as an
+    # executor's worker threads may need it (Dask's get_worker()).
     context = contextvars.Context() if flask.has_app_context() else contextvars.copy_context()
     return context.run(_run_here, fn, args, kwargs, app_reference)
 
@@ -1492,9 +1494,10 @@ class _ThreadPool(_Pool):
         with self._lock:
             if self._shut_down:
                 raise RuntimeError("cannot schedule new tasks after shutdown")
-            self._queue.put(task)
             # A thread for each of the first max_workers tasks, then no more: it saves
             # counting idle workers on every submit, for at most max_workers idle threads.
+            # Started before the task is queued, so that a thread that cannot start
+            # refuses the task whole.
             if len(self._threads) < self.worker_count:
                 thread = threading.Thread(
                     target=_work,
@@ -1504,22 +1507,25 @@ class _ThreadPool(_Pool):
                     # _finish_thread_pools_at_exit lets accepted tasks complete.
                     daemon=True,
                 )
-                _worker_threads.add(thread)
                 thread.start()
+                _worker_threads.add(thread)
                 self._threads.append(thread)
+            self._queue.put(task)
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
+        taken_back = []
         with self._lock:
             self._shut_down = True
-            if cancel_futures:
-                while True:
-                    try:
-                        task = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if task is not None:
-                        task.future.cancel()
+            while cancel_futures:
+                try:
+                    taken_back.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
             self._queue.put(None)
+        # Outside the lock: cancelling runs done callbacks, which may submit (and be refused).
+        for task in taken_back:
+            if task is not None:
+                task.future.cancel()
         if wait:
             for thread in self._threads:
                 thread.join()
@@ -1560,9 +1566,12 @@ class _ConfiguredThreadPool(_Pool):
         self._executor = executor
         self.worker_count = worker_count
         self._lock = threading.Lock()
+        self._shut_down = False
 
     def schedule(self, task: _Task) -> None:
         with self._lock:
+            if self._shut_down:
+                raise RuntimeError("cannot schedule new tasks after shutdown")
             if self._executor is None:
                 self._executor = self._make_executor()
             executor = self._executor
@@ -1571,8 +1580,11 @@ class _ConfiguredThreadPool(_Pool):
         handed_over.add_done_callback(functools.partial(_cancel_if_cancelled, task.future))
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=wait, cancel_futures=cancel_futures)
+        with self._lock:
+            self._shut_down = True
+            executor = self._executor
+        if executor is not None:
+            executor.shutdown(wait=wait, cancel_futures=cancel_futures)
 
     def after_fork(self) -> _Pool:
         return _ConfiguredThreadPool(self._make_executor, None, cast(int, self.worker_count))
@@ -1622,9 +1634,9 @@ class _HandOverPool(_Pool):
                 executor = self._executor
             try:
                 handed_over = executor.submit(*call)
-            except concurrent.futures.BrokenExecutor:
+            except concurrent.futures.BrokenExecutor as error:
                 # Broken since its last task finished: a new executor takes this one.
-                self._forget_broken(executor, task)
+                self._forget_broken(executor, task, error)
                 if attempt == 2:
                     raise
             else:
@@ -1643,12 +1655,14 @@ class _HandOverPool(_Pool):
             future.set_result(handed_over.result())
             return
         if isinstance(exception, concurrent.futures.BrokenExecutor):
-            self._forget_broken(executor, task)
+            self._forget_broken(executor, task, exception)
         else:
             task.log_failure(exception, " in a worker process")
         future.set_exception(exception)
 
-    def _forget_broken(self, executor: concurrent.futures.Executor, task: _Task) -> None:
+    def _forget_broken(
+        self, executor: concurrent.futures.Executor, task: _Task, error: concurrent.futures.BrokenExecutor
+    ) -> None:
         with self._lock:
             if self._executor is not executor:
                 return  # already replaced: the event was logged then
@@ -1661,13 +1675,11 @@ class _HandOverPool(_Pool):
         task.logger().warning(
             "A worker process died (killed, out of memory, or os._exit); the tasks it may have"
             " reached failed with %s, and a new pool takes the tasks that follow",
-            type(executor).__name__
-            if not isinstance(executor, concurrent.futures.ProcessPoolExecutor)
-            else "BrokenProcessPool",
+            type(error).__name__,
         )
 
 
-# Executors that broke; see _HandOverPool._settle.
+# Executors that broke; see _HandOverPool._forget_broken.
 _left_behind: collections.deque[object] = collections.deque(maxlen=16)
 
 
@@ -1716,9 +1728,13 @@ class _ProcessPool(_HandOverPool):
                     return  # refilled in batches, from half full: fewer wake-ups of the executor
                 refill = True
                 task, call = self._waiting.popleft()
-                if not task.future._start():
-                    continue  # cancelled while it waited
-                self._handed_over += 1
+                self._handed_over += 1  # its place, given back below if it was cancelled
+            # Outside the lock: starting may ask a shared store, and a task cancelled
+            # meanwhile runs its done callbacks, which may submit to this pool.
+            if not task.future._start():
+                with self._lock:
+                    self._handed_over -= 1
+                continue
             self._hand_over_one(task, call)
 
     def _hand_over_one(self, task: _Task, call: bytes) -> None:
@@ -1808,8 +1824,10 @@ class _ConfiguredPool(_HandOverPool):
         if task.future._start():
             # A unique id in every call: some executors (Dask's) run a call only once
             # when it is submitted again with the same arguments.
-            call_id = uuid.uuid4().hex
-            self._hand_over(task, (_run_call, task.fn, task.args, task.kwargs, self._app_reference, call_id))
+            # What the executor raises (it cannot send the call, say) comes out of submit,
+            # which then keeps nothing of the task.
+            call = (_run_call, task.fn, task.args, task.kwargs, self._app_reference, uuid.uuid4().hex)
+            self._hand_over(task, call)
 
     def shutdown(self, wait: bool, cancel_futures: bool) -> None:
         with self._lock:
@@ -1938,6 +1956,9 @@ class _MemoryStore:
     """
 
     shared = False
+    #: True in a process forked from the one that made this store, until the first
+    #: add there is warned about: what the parent stored is not shared with it.
+    forked = False
 
     def __init__(self) -> None:
         # Ordered, so that the oldest key is found at once (1.0's was ordered too).
@@ -2021,6 +2042,7 @@ class _MemoryStore:
 
     def after_fork(self) -> None:
         self._lock = threading.Lock()
+        self.forked = True
 
     def _drop_over(self, max_length: int, newest: Hashable) -> list[Hashable]:
         """Called with the lock held."""
@@ -2102,6 +2124,7 @@ class _SharedStore:
     pickled, and returns the future itself when it pops the key."""
 
     shared = True
+    forked = False  # every process sees the same futures: nothing to warn about
 
     def __init__(self, backend: FuturesStore, signer: _Signer, logger: logging.Logger) -> None:
         self.backend = backend
@@ -2139,9 +2162,13 @@ class _SharedStore:
                     target=self._beat, name="flask_executor_heartbeat", daemon=True
                 )
                 self._heartbeat.start()
-        if isinstance(future, TaskFuture):
+        if isinstance(future, TaskFuture) and future._entry is None:
             future._entry = entry
+            if future.done():  # finished before it knew of its entry; finish() runs once
+                entry.finish(future)
         else:
+            # Any other future, or one stored under another key too: told when it is done,
+            # or now if it already is.
             concurrent.futures.Future.add_done_callback(future, entry.finish)
         return [_decode_key(key) for key in dropped]
 
@@ -2224,8 +2251,6 @@ class _SharedStore:
         beating_for = None
         while True:
             time.sleep(_HEARTBEAT_SECONDS)
-            if _this_process.pid != os.getpid():
-                return  # a thread of the process this one was forked from
             try:
                 if self._unfinished > 0:
                     beating_for = _this_process.token
@@ -2268,7 +2293,7 @@ class _Entry:
             if store.backend.transition(self.id, _this_process.token, ("PENDING",), "RUNNING"):
                 return True
             record = store.backend.read_entry(self.id)
-        except StoreError:
+        except Exception:  # not only StoreError: a store the user passed may raise anything
             store.logger.exception(
                 "Task %r runs, but the store could not be told it started: readers in other"
                 " processes may see it waiting, and then lost",
@@ -2285,7 +2310,7 @@ class _Entry:
             blob = self.store.signer.dumps("progress", progress, self.id)
             try:
                 self.store.backend.transition(self.id, _this_process.token, _UNFINISHED, None, progress=blob)
-            except StoreError:
+            except Exception:
                 self.store.store_warnings.warn(
                     self.store.logger, "The progress of task %r could not be written to the store", self.key
                 )
@@ -2314,7 +2339,7 @@ class _Entry:
                 progress=None if progress is None else store.signer.dumps("progress", progress, self.id),
             )
             record = None if written else store.backend.read_entry(self.id)
-        except StoreError:
+        except Exception:
             store.logger.exception(
                 "The end of task %r could not be written to the store: readers in other processes"
                 " will see it lost; this process has the outcome",
@@ -3224,7 +3249,7 @@ def _make_store(
     return _SharedStore(backend, _Signer(secret_key, namespace, app.logger), app.logger)
 
 
-_STORE_METHODS = [name for name in vars(FuturesStore) if not name.startswith("_") or name == "after_fork"]
+_STORE_METHODS = [name for name in vars(FuturesStore) if not name.startswith("_")]
 
 
 # Configuration -------------------------------------------------------------------------

@@ -9496,3 +9496,280 @@ def test_waitress_sigint_stops_serving_and_exits_once_accepted_tasks_complete(tm
         assert sorted(path.name for path in (out / "results").iterdir()) == names
     finally:
         srv_stop_group(proc)
+
+
+# ---------------------------------------------------------------------------------------------
+# A store the user passes, a store that fails, and what runs while a pool holds its lock
+
+
+class DictStore:
+    """A store of the user's own, in this process's memory: the methods of
+    flask_executor.FuturesStore and nothing else, as the docs describe them."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.entries = {}  # id -> dict of the fields of a StoredTask
+        self.by_key = {}  # key -> id
+        self.next_id = 0
+
+    def _task(self, entry):
+        return flask_executor.StoredTask(**entry)
+
+    def claim(self, key, owner, max_length):
+        with self.lock:
+            if key in self.by_key:
+                return None
+            self.next_id += 1
+            entry = {
+                "id": self.next_id,
+                "key": key,
+                "state": "PENDING",
+                "owner": owner,
+                "owner_alive": True,
+                "outcome": None,
+                "progress": None,
+            }
+            self.entries[self.next_id], self.by_key[key] = entry, self.next_id
+            return self.next_id, []  # max_length is not this test store's concern
+
+    def transition(self, entry_id, owner, from_states, to_state, outcome=None, progress=None):
+        with self.lock:
+            entry = self.entries.get(entry_id)
+            if entry is None or entry["owner"] != owner or entry["state"] not in from_states:
+                return False
+            if to_state is not None:
+                entry["state"] = to_state
+            if outcome is not None:
+                entry["outcome"] = outcome
+            if progress is not None:
+                entry["progress"] = progress
+            return True
+
+    def cancel(self, key):
+        with self.lock:
+            entry = self.entries.get(self.by_key.get(key))
+            if entry is None or entry["state"] != "PENDING":
+                return False
+            entry["state"] = "CANCELLED"
+            return True
+
+    def read(self, key):
+        with self.lock:
+            entry = self.entries.get(self.by_key.get(key))
+            return None if entry is None else self._task(entry)
+
+    def read_entry(self, entry_id):
+        with self.lock:
+            entry = self.entries.get(entry_id)
+            return None if entry is None else self._task(entry)
+
+    def pop(self, key):
+        with self.lock:
+            entry_id = self.by_key.pop(key, None)
+            if entry_id is None:
+                return None
+            entry = self.entries[entry_id]
+            if entry["state"] in ("FINISHED", "CANCELLED"):
+                del self.entries[entry_id]
+            else:
+                entry["key"] = None
+            return self._task(entry)
+
+    def delete(self, entry_id):
+        with self.lock:
+            entry = self.entries.pop(entry_id, None)
+            if entry is not None and entry["key"] is not None:
+                self.by_key.pop(entry["key"], None)
+
+    def keys(self):
+        with self.lock:
+            return list(self.by_key)
+
+    def count(self):
+        with self.lock:
+            return len(self.by_key)
+
+    def beat(self, owner, alive):
+        pass
+
+    def after_fork(self):
+        pass
+
+
+class StoreDownAtTheEnd(DictStore):
+    """A store that cannot be told that a task ended, failing as a driver would: not with
+    flask_executor.StoreError."""
+
+    def transition(self, entry_id, owner, from_states, to_state, outcome=None, progress=None):
+        if to_state == "FINISHED":
+            raise ConnectionError("the database went away")
+        return super().transition(entry_id, owner, from_states, to_state, outcome, progress)
+
+
+@pytest.mark.timeout(60)
+def test_a_store_object_the_user_passes_keeps_stored_futures_for_every_executor_on_it(srv_gates):
+    store = DictStore()
+    apps = [
+        srv_make_app(
+            f"own_store_{side}", SECRET_KEY=STORE_SECRET, EXECUTOR_FUTURES_STORE=store, EXECUTOR_MAX_WORKERS=1
+        )
+        for side in "ab"
+    ]
+    owner, reader = (Executor(app) for app in apps)
+    gate = srv_gates()
+    try:
+        with apps[0].app_context():
+            running = owner.submit_stored("running", gate.wait, SRV_WAIT)
+            owner.submit_stored("waiting", srv_identity, "never")
+            with pytest.raises(ValueError, match="already in use"):
+                owner.submit_stored("running", srv_identity, "twice")
+        assert wait_for_condition(running.running)
+        assert sorted(store.keys()) == ["s:running", "s:waiting"]
+
+        # the other executor sees both through the store, and cancels the waiting one there
+        assert "running" in reader.futures and reader.futures.running("running")
+        assert reader.futures.cancel("waiting") is True
+        assert reader.futures.cancelled("waiting")
+        gate.set()
+        assert reader.futures.result("running", timeout=SRV_WAIT) is True
+        assert reader.futures._state("waiting") == "CANCELLED"
+        assert reader.futures.pop("running").done() and "running" not in owner.futures
+        assert store.keys() == ["s:waiting"]
+    finally:
+        gate.set()
+        for executor in (owner, reader):
+            executor.shutdown(wait=True)
+
+
+@pytest.mark.timeout(60)
+def test_a_store_failing_with_any_error_when_a_task_ends_loses_neither_the_result_nor_the_worker(caplog):
+    app = srv_make_app(
+        "store_down",
+        SECRET_KEY=STORE_SECRET,
+        EXECUTOR_FUTURES_STORE=StoreDownAtTheEnd(),
+        EXECUTOR_MAX_WORKERS=1,
+    )
+    executor = Executor(app)
+    try:
+        with app.app_context():
+            stored = executor.submit_stored("a", srv_identity, "result")
+            assert stored.result(timeout=SRV_WAIT) == "result"  # this process has the outcome
+            # the one worker thread is alive: the next task runs
+            assert executor.submit(srv_identity, "next").result(timeout=SRV_WAIT) == "next"
+        errors = srv_app_warnings(caplog, app) + [
+            record
+            for record in caplog.records
+            if record.name == app.logger.name and record.levelno == logging.ERROR
+        ]
+        assert any("could not be written to the store" in record.getMessage() for record in errors), errors
+        assert any(
+            "the database went away" in str(record.exc_info[1]) for record in errors if record.exc_info
+        )
+    finally:
+        executor.shutdown(wait=True)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.filterwarnings(SRV_FORK_WARNING)
+def test_process_pool_task_cancelled_from_elsewhere_may_resubmit_from_its_done_callback(
+    store_local, tmp_path
+):
+    _, owner = store_local(EXECUTOR_TYPE="process", EXECUTOR_MAX_WORKERS=1, EXECUTOR_MP_CONTEXT="fork")
+    _, other = store_local()
+    gate = tmp_path / "gate"
+    # one task runs and two more are handed to the pool (2 x workers + 1); "b" waits here
+    ahead = [owner.submit(srv_wait_for_file, str(gate), index) for index in range(3)]
+    cancelled_b = owner.submit_stored("b", srv_identity, "b")
+    resubmitted = []
+    cancelled_b.add_done_callback(
+        lambda future: resubmitted.append(owner.submit(srv_identity, "again")) if future.cancelled() else None
+    )
+    try:
+        assert other.futures.cancel("b") is True  # from another executor, through the store
+    finally:
+        gate.touch()
+    # the pool reaches "b", finds it cancelled, and its callback submits to the same pool
+    assert [future.result(timeout=SRV_WAIT) for future in ahead] == [0, 1, 2]
+    assert wait_for_condition(lambda: resubmitted and resubmitted[0].done(), timeout=SRV_WAIT)
+    assert cancelled_b.cancelled() and resubmitted[0].result() == "again"
+    assert owner.submit(srv_identity, "still works").result(timeout=SRV_WAIT) == "still works"
+
+
+@pytest.mark.timeout(60)
+def test_cancelling_a_waiting_task_with_propagate_exceptions_logs_no_error(srv_executors, srv_gates, caplog):
+    app = srv_make_app("propagate_cancel", EXECUTOR_PROPAGATE_EXCEPTIONS=True, EXECUTOR_MAX_WORKERS=1)
+    executor = srv_executors(app)
+    gate = srv_gates()
+    with app.app_context():
+        busy = executor.submit(gate.wait, SRV_WAIT)
+        waiting = executor.submit(srv_identity, "never")
+        assert waiting.cancel()
+        gate.set()
+        assert busy.result(timeout=SRV_WAIT) is True
+    assert waiting.cancelled()
+    assert [record for record in caplog.records if record.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.timeout(60)
+def test_shared_store_finishes_a_future_stored_under_two_keys_and_one_added_when_done(store_local, srv_gates):
+    _, owner = store_local(EXECUTOR_MAX_WORKERS=2)
+    _, reader = store_local()
+    gate = srv_gates()
+    running = owner.submit_stored("first", gate.wait, SRV_WAIT)
+    owner.futures.add("second", running)  # the same future, under another key too
+    done = owner.submit(srv_identity, "done")
+    assert done.result(timeout=SRV_WAIT) == "done"
+    owner.futures.add("already done", done)
+    assert reader.futures.done("already done") and reader.futures.result("already done") == "done"
+    gate.set()
+    for key in ("first", "second"):
+        assert reader.futures.result(key, timeout=SRV_WAIT) is True, key
+        assert reader.futures._state(key) == "FINISHED"
+
+
+SRV_THREAD_START_FAILS_SCRIPT = """
+import sys
+import threading
+
+sys.path.insert(0, sys.argv[1])
+from flask import Flask
+
+from flask_executor import Executor
+
+app = Flask("srv_thread_start")
+app.config.update(SECRET_KEY="x", EXECUTOR_MAX_WORKERS=2)
+executor = Executor(app)
+ran = []
+with app.app_context():
+    first = executor.submit(ran.append, "first")
+    first.result(timeout=10)
+    start = threading.Thread.start
+
+    def cannot_start(thread):
+        raise RuntimeError("can't start new thread")
+
+    threading.Thread.start = cannot_start  # as when the process has run out of threads
+    try:
+        executor.submit_stored("k", ran.append, "refused")
+    except RuntimeError as error:
+        print("refused:", error, flush=True)
+    threading.Thread.start = start
+    print("key free:", "k" not in executor.futures, flush=True)
+    executor.submit_stored("k", ran.append, "second").result(timeout=10)
+print("ran:", ran, flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_worker_thread_that_cannot_start_refuses_its_task_whole_and_exit_stays_clean(tmp_path):
+    script = tmp_path / "srv_thread_start.py"
+    script.write_text(SRV_THREAD_START_FAILS_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), str(SRV_MODULE.parent)], capture_output=True, text=True, timeout=50
+    )
+    assert result.stdout.splitlines() == [
+        "refused: can't start new thread",
+        "key free: True",
+        "ran: ['first', 'second']",
+    ], result.stdout + result.stderr
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
