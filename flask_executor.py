@@ -159,8 +159,12 @@ class Executor(concurrent.futures.Executor):
             app = app._get_current_object()
         config = _read_config(app.config, self.name)
         _warn_about_unknown_keys(app, config)
-        store = _make_store(config, app, self.futures._store)
         pool = _make_pool(config, self.name)
+        try:
+            store = _make_store(config, app, self.futures._store)
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # a configured executor, made to check it
+            raise
         with self._lock:
             previous, self._pool = self._pool, pool
             self._app = app

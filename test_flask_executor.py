@@ -9773,3 +9773,32 @@ def test_a_worker_thread_that_cannot_start_refuses_its_task_whole_and_exit_stays
         "ran: ['first', 'second']",
     ], result.stdout + result.stderr
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+
+
+class RecordingThreadPool(concurrent.futures.ThreadPoolExecutor):
+    """A configured executor that remembers being made and shut down."""
+
+    made = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.shut_down = False
+        RecordingThreadPool.made.append(self)
+
+    def shutdown(self, wait=True, *, cancel_futures=False):
+        self.shut_down = True
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+@pytest.mark.timeout(60)
+def test_init_app_refusing_the_store_shuts_down_the_configured_executor_it_made_to_check(tmp_path):
+    RecordingThreadPool.made.clear()
+    app = srv_make_app(
+        "store_refused",
+        EXECUTOR_TYPE=RecordingThreadPool,
+        EXECUTOR_FUTURES_STORE=str(tmp_path / "futures.db"),
+    )
+    with pytest.raises(ValueError, match="SECRET_KEY"):
+        Executor(app)
+    assert len(RecordingThreadPool.made) == 1 and RecordingThreadPool.made[0].shut_down
+    assert "executor" not in app.extensions
