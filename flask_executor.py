@@ -277,7 +277,8 @@ class Executor(concurrent.futures.Executor):
         end_time = None if timeout is None else time.monotonic() + timeout
         contexts = self._capture_contexts()
         calls = zip(*iterables)
-        batch = self._pool.batch_size(chunksize) if self._pool is not None else 1
+        pool = self._pool  # read once: a shutdown meanwhile sets it to None
+        batch = pool.batch_size(chunksize) if pool is not None else 1
         if batch > 1:
             chunks = iter(functools.partial(_take, calls, batch), [])
             futures = [self._submit(_NO_KEY, _call_each, (fn, chunk), {}, contexts) for chunk in chunks]
