@@ -2465,10 +2465,6 @@ class _StoredFuture:
                 time.sleep(delay if deadline is None else min(delay, max(0.0, deadline - time.monotonic())))
                 delay = min(delay * 2, 0.05)
             record = self._read()
-        if record.state == "CANCELLED":
-            if self._popped and record.key is None:
-                self._store.backend.delete(record.id)  # detached for this reader, who has it now
-            return "exception", concurrent.futures.CancelledError(f"task {self.key!r} was cancelled")
         if self._dropped:
             raise StoreError(
                 f"task {self.key!r} left the store before it finished (popped by another reader, evicted"
@@ -2476,11 +2472,12 @@ class _StoredFuture:
                 " has its outcome"
             )
         local = self._store.local_future(record.id)
-        if local is not None and local.done() and not local.cancelled():  # the real value, pickled or not
+        outcome: tuple[str, Any]
+        if record.state == "CANCELLED":
+            outcome = ("exception", concurrent.futures.CancelledError(f"task {self.key!r} was cancelled"))
+        elif local is not None and local.done() and not local.cancelled():  # the real value, pickled or not
             exception = local.exception()
-            outcome: tuple[str, Any] = (
-                ("result", local.result()) if exception is None else ("exception", exception)
-            )
+            outcome = ("result", local.result()) if exception is None else ("exception", exception)
         else:
             if record.outcome is None:  # read by key, which may leave the outcome out
                 record = self._store.backend.read_entry(record.id) or record
