@@ -6815,6 +6815,22 @@ def store_gates(tmp_path):
 
 
 @pytest.fixture
+def store_busy_owner(store_agents, store_local, store_gates):
+    """Factory: store_busy_owner(key, value) -> (owner, reader, gate): an owner process whose
+    one worker runs the task ``key`` until the gate opens (then returns ``value``), so that
+    what the test submits next waits; and a reader in this process."""
+
+    def start(key, value):
+        owner = store_agents(EXECUTOR_MAX_WORKERS=1)
+        _, reader = store_local()
+        gate = store_gates()
+        owner.submit(key, "gated", gate, None, value)
+        return owner, reader, gate
+
+    return start
+
+
+@pytest.fixture
 def store_local(store_path):
     """Factory: an app and an Executor in this process on ``store_path``: the reader R."""
     made = []
@@ -6894,13 +6910,8 @@ def test_any_process_reads_state_progress_and_keys_of_a_task_accepted_by_another
 
 
 @pytest.mark.timeout(90)
-def test_futures_mapping_of_1_0_gives_working_futures_for_tasks_of_another_process(
-    store_agents, store_local, store_gates
-):
-    owner = store_agents(EXECUTOR_MAX_WORKERS=1)
-    _, reader = store_local()
-    gate = store_gates()
-    owner.submit("c-run", "gated", gate, None, "ran")
+def test_futures_mapping_of_1_0_gives_working_futures_for_tasks_of_another_process(store_busy_owner):
+    owner, reader, gate = store_busy_owner("c-run", "ran")
     owner.submit("c-wait", "give", "never")
     owner.submit("c-after", "give", "after")
     mapping = reader.futures._futures
@@ -6929,13 +6940,10 @@ def test_futures_mapping_of_1_0_gives_working_futures_for_tasks_of_another_proce
 
 @pytest.mark.timeout(90)
 def test_task_waiting_for_a_worker_is_cancelled_from_another_process_and_never_runs(
-    store_agents, store_local, store_gates, tmp_path
+    store_busy_owner, tmp_path
 ):
-    owner = store_agents(EXECUTOR_MAX_WORKERS=1)
-    _, reader = store_local()
-    gate = store_gates()
+    owner, reader, gate = store_busy_owner("x-run", "first")
     ran = tmp_path / "cancelled-task-ran"
-    owner.submit("x-run", "gated", gate, None, "first")
     owner.submit("x-wait", "mark", str(ran), "never", handle="submitted")
     owner.submit("x-after", "give", "after")
     futures = reader.futures
@@ -6960,14 +6968,9 @@ def test_task_waiting_for_a_worker_is_cancelled_from_another_process_and_never_r
 
 
 @pytest.mark.timeout(90)
-def test_task_cancelled_and_popped_before_a_worker_reached_it_never_runs(
-    store_agents, store_local, store_gates, tmp_path
-):
-    owner = store_agents(EXECUTOR_MAX_WORKERS=1)
-    _, reader = store_local()
-    gate = store_gates()
+def test_task_cancelled_and_popped_before_a_worker_reached_it_never_runs(store_busy_owner, tmp_path):
+    owner, reader, gate = store_busy_owner("y-run", "first")
     ran = tmp_path / "cancelled-and-popped-task-ran"
-    owner.submit("y-run", "gated", gate, None, "first")
     owner.submit("y-wait", "mark", str(ran), "never")
     owner.submit("y-after", "give", "after")
     futures = reader.futures
@@ -6982,13 +6985,8 @@ def test_task_cancelled_and_popped_before_a_worker_reached_it_never_runs(
 
 
 @pytest.mark.timeout(90)
-def test_cancel_from_another_process_logs_no_lost_task_warning_in_the_owner(
-    store_agents, store_local, store_gates
-):
-    owner = store_agents(EXECUTOR_MAX_WORKERS=1)
-    _, reader = store_local()
-    gate = store_gates()
-    owner.submit("w-run", "gated", gate, None, "first")
+def test_cancel_from_another_process_logs_no_lost_task_warning_in_the_owner(store_busy_owner):
+    owner, reader, gate = store_busy_owner("w-run", "first")
     owner.submit("w-wait", "give", "never")
     owner.submit("w-after", "give", "after")
     assert wait_for_condition(lambda: reader.futures.running("w-run"))
@@ -7002,13 +7000,8 @@ def test_cancel_from_another_process_logs_no_lost_task_warning_in_the_owner(
 
 
 @pytest.mark.timeout(90)
-def test_cancelling_a_waiting_task_twice_does_not_make_the_owners_running_task_lost(
-    store_agents, store_local, store_gates
-):
-    owner = store_agents(EXECUTOR_MAX_WORKERS=1)
-    _, reader = store_local()
-    gate = store_gates()
-    owner.submit("d-run", "gated", gate, None, "finished")
+def test_cancelling_a_waiting_task_twice_does_not_make_the_owners_running_task_lost(store_busy_owner):
+    owner, reader, gate = store_busy_owner("d-run", "finished")
     owner.submit("d-wait", "give", "never")
     assert wait_for_condition(lambda: reader.futures.running("d-run"))
     # two requests served by the owner cancel the same waiting task: both say True
