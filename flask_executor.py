@@ -1898,29 +1898,30 @@ def _make_pool(config: _Config, name: str) -> _Pool:
         workers = config.max_workers or min(32, cpus + 4)
         return _ThreadPool(workers, f"flask_executor_{name}" if name else "flask_executor")
     app_reference = (config.app_key, config.process_app) if config.push_app_context else None
+    workers = config.max_workers or cpus  # the default of ProcessPoolExecutor
     if config.kind == "process":
         if config.max_workers is not None and config.max_workers > _MAX_PROCESSES:
             raise ValueError(
                 f"{config.prefix}MAX_WORKERS must be at most {_MAX_PROCESSES} for a process pool, got"
                 f" {config.max_workers!r}: each worker is a process of its own"
             )
-        make_process_pool = functools.partial(_new_process_pool, config)
-        return _ProcessPool(make_process_pool, None, config.max_workers or cpus, app_reference)
+        make_process_pool = functools.partial(_new_process_pool, config, workers)
+        return _ProcessPool(make_process_pool, None, workers, app_reference)
     make_configured = functools.partial(_new_configured_executor, config)
     executor = make_configured()  # here, so that init_app reports what is wrong with it
     if isinstance(executor, concurrent.futures.ThreadPoolExecutor):
-        return _ConfiguredThreadPool(make_configured, executor, config.max_workers or cpus)
+        return _ConfiguredThreadPool(make_configured, executor, workers)
     if isinstance(executor, concurrent.futures.ProcessPoolExecutor):
-        return _ProcessPool(make_configured, executor, config.max_workers or cpus, app_reference)
-    return _ConfiguredPool(make_configured, executor, config.max_workers or cpus, app_reference)
+        return _ProcessPool(make_configured, executor, workers, app_reference)
+    return _ConfiguredPool(make_configured, executor, workers, app_reference)
 
 
 # The process pool's call queue holds one more than its workers, in a semaphore.
 _MAX_PROCESSES = 2**31 - 2
 
 
-def _new_process_pool(config: _Config) -> concurrent.futures.Executor:
-    options: dict[str, Any] = {"max_workers": config.max_workers or os.cpu_count() or 1}
+def _new_process_pool(config: _Config, workers: int) -> concurrent.futures.Executor:
+    options: dict[str, Any] = {"max_workers": workers}
     if config.mp_context is not None:
         import multiprocessing  # here: thread pools never need it, and it is slow to import
 
