@@ -2592,10 +2592,24 @@ class _ForeignEntry(StoreError):
     """An entry of a shared store that Flask-Executor did not write: it lacks fields."""
 
 
-def _inserted_id(cursor: Any) -> Any:
+def _inserted_id(write: _GroupedWrite) -> Any:
     """The id of the row an INSERT OR IGNORE inserted, or None when it inserted none:
     sqlite3's ``lastrowid`` then still holds the id of the connection's last insert."""
-    return cursor.lastrowid if cursor.rowcount == 1 else None
+    return write.lastrowid if write.rowcount == 1 else None
+
+
+class _GroupedWrite:
+    """One statement of a group commit (see ``_SQLiteStore._write``), and what it did."""
+
+    __slots__ = ("done", "error", "lastrowid", "parameters", "rowcount", "statement")
+
+    def __init__(self, statement: str, parameters: tuple[Any, ...]) -> None:
+        self.statement = statement
+        self.parameters = parameters
+        self.done = False
+        self.rowcount = -1
+        self.lastrowid: Any = None
+        self.error: StoreError | None = None
 
 
 class _SQLiteStore:
@@ -2616,8 +2630,11 @@ class _SQLiteStore:
         self._ttl = ttl
         self._connections = threading.local()
         # Threads of one process take turns to write here, so that only other
-        # processes ever find the database locked.
+        # processes ever find the database locked; _queued holds the writes that
+        # wait for the next turn (see _write).
         self._write_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queued: list[_GroupedWrite] = []
         self._beaten: dict[str, float] = {}  # when this process last marked an owner alive
         self._swept = 0.0  # when it last removed entries older than the TTL
         self._pid = os.getpid()
@@ -2739,6 +2756,8 @@ class _SQLiteStore:
         _inherited.append(self._connections)
         self._connections = threading.local()
         self._write_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queued = []
         self._pid = os.getpid()
 
     # The rest.
@@ -2802,13 +2821,58 @@ class _SQLiteStore:
         self._patiently(lambda: connection.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}"))
         return connection
 
-    def _write(self, statement: str, parameters: tuple[Any, ...]) -> Any:
-        """Runs one statement, a transaction of its own."""
+    def _write(self, statement: str, parameters: tuple[Any, ...]) -> _GroupedWrite:
+        """Runs one statement, atomically. The writes that the threads of this process
+        ask for meanwhile are committed together (a group commit): committing costs
+        several times what a statement does, and under load the threads share it."""
+        write = _GroupedWrite(statement, parameters)
+        with self._queue_lock:
+            self._queued.append(write)
         with self._write_lock:
-            connection = self._connection()
-            cursor = self._patiently(lambda: connection.execute(statement, parameters))
-            self._limit_wal(connection)
-            return cursor
+            if not write.done:  # else the thread that held the lock before committed it
+                self._commit_queued()
+        if write.error is not None:
+            raise write.error
+        return write
+
+    def _commit_queued(self) -> None:
+        """Runs the queued writes, with _write_lock held: several in one transaction,
+        one alone as a transaction of its own (no BEGIN and COMMIT to pay for)."""
+        with self._queue_lock:
+            writes, self._queued = self._queued, []
+        db = self._connection()
+        grouped = len(writes) > 1
+        try:
+            if grouped:  # IMMEDIATE takes the write lock now, so no statement has to retry
+                self._patiently(lambda: db.execute("BEGIN IMMEDIATE"))
+            for write in writes:
+                try:
+                    cursor = self._patiently(functools.partial(db.execute, write.statement, write.parameters))
+                    write.rowcount, write.lastrowid = cursor.rowcount, cursor.lastrowid
+                except (StoreError, self._sqlite3.Error) as error:
+                    write.error = self._failed(error)
+                    # SQLite undid this statement alone, unless the error ended the transaction
+                    # (a full disk, an I/O error): then no write of the group is left.
+                    if grouped and not db.in_transaction:
+                        raise write.error from error
+            if grouped:
+                self._patiently(lambda: db.execute("COMMIT"))
+        except BaseException as error:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            for write in writes:
+                write.error = write.error or self._failed(error)
+            if not isinstance(error, (StoreError, self._sqlite3.Error)):
+                raise  # an interruption (KeyboardInterrupt...): the other writers get a StoreError
+        finally:
+            for write in writes:
+                write.done = True
+        self._limit_wal(db)
+
+    def _failed(self, error: BaseException) -> StoreError:
+        if isinstance(error, StoreError):
+            return error
+        return StoreError(f"the store {self._path} ({self._key}) failed: {error!r}")
 
     def _limit_wal(self, connection: Any) -> None:
         """Under steady writes from several processes some connection nearly always has a

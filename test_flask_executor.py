@@ -7695,6 +7695,123 @@ def test_store_locked_while_a_task_finishes_leaves_the_pool_working_and_the_task
 
 
 # ---------------------------------------------------------------------------
+# Group commit: the writes of one process's threads share a transaction
+# ---------------------------------------------------------------------------
+
+
+def store_wal_frames(path):
+    """Frames in the WAL file since it was last emptied (a checkpoint from another connection)."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        return db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1]
+    finally:
+        db.close()
+
+
+def store_empty_wal(path):
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0, "the WAL stayed busy"
+    finally:
+        db.close()
+
+
+def store_queue_behind_held_lock(backend, calls):
+    """Runs each of ``calls`` in a thread of its own while this thread holds the store's write
+    lock, so that all of them queue; then lets them go. Returns each call's result or error."""
+    outcomes = [None] * len(calls)
+
+    def run(index, call):
+        try:
+            outcomes[index] = ("ok", call())
+        except Exception as error:
+            outcomes[index] = ("error", error)
+
+    threads = [threading.Thread(target=run, args=(i, call)) for i, call in enumerate(calls)]
+    with backend._write_lock:
+        for thread in threads:
+            thread.start()
+        assert wait_for_condition(lambda: len(backend._queued) == len(calls), timeout=10), backend._queued
+    for thread in threads:
+        thread.join(10)
+    return outcomes
+
+
+@pytest.mark.timeout(60)
+def test_store_commits_the_writes_that_waited_for_the_write_lock_in_one_transaction(store_local, store_path):
+    _, executor = store_local()
+    backend = executor.futures._store.backend
+    backend.beat("owner-a", alive=True)  # so that no claim below writes a heartbeat first
+    store_empty_wal(store_path)
+    for i in range(8):
+        assert backend.claim(f"s:alone-{i}", "owner-a", 0) is not None
+    frames_alone = store_wal_frames(store_path)
+    store_empty_wal(store_path)
+    outcomes = store_queue_behind_held_lock(
+        backend, [lambda i=i: backend.claim(f"s:grouped-{i}", "owner-a", 0) for i in range(8)]
+    )
+    frames_grouped = store_wal_frames(store_path)
+    print(f"WAL frames for 8 claims: {frames_alone} one at a time, {frames_grouped} queued together")
+    assert all(kind == "ok" and claimed is not None for kind, claimed in outcomes), outcomes
+    ids = [claimed[0] for _, claimed in outcomes]
+    assert len(set(ids)) == 8, "two claims were handed the same entry id"
+    # every claim is committed, each under the id it was handed
+    db = sqlite3.connect(store_path)
+    rows = dict(db.execute("SELECT key, id FROM tasks WHERE key LIKE 's:grouped-%'").fetchall())
+    db.close()
+    assert sorted(rows.values()) == sorted(ids)
+    assert all(rows[f"s:grouped-{i}"] == claimed[0] for i, (_, claimed) in enumerate(outcomes))
+    # one commit writes each page it changed once; eight commits write them eight times
+    assert frames_grouped * 2 < frames_alone
+
+
+@pytest.mark.timeout(60)
+def test_store_claims_of_one_key_queued_together_are_won_by_exactly_one(store_local):
+    _, executor = store_local()
+    backend = executor.futures._store.backend
+    backend.beat("owner-a", alive=True)
+    outcomes = store_queue_behind_held_lock(backend, [lambda: backend.claim("s:contested", "owner-a", 0)] * 6)
+    winners = [claimed for kind, claimed in outcomes if kind == "ok" and claimed is not None]
+    assert len(winners) == 1, outcomes
+    assert [kind for kind, _ in outcomes] == ["ok"] * 6, outcomes
+    assert executor.futures.keys() == ["contested"]
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3.Connection.setlimit() is Python 3.11+")
+@pytest.mark.timeout(60)
+def test_store_write_that_fails_in_a_group_fails_alone_and_the_others_commit(store_local, store_path):
+    _, executor = store_local()
+    backend = executor.futures._store.backend
+    backend.beat("owner-a", alive=True)
+    claimed = backend.claim("s:big-progress", "owner-a", 0)
+    big_id = claimed[0]
+
+    def limited(call):
+        # A blob longer than the connection allows fails in SQLite, as one past SQLite's
+        # own limit (a gigabyte) would; whichever thread commits the group uses its connection.
+        def run():
+            backend._connection().setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 10_000)
+            return call()
+
+        return run
+
+    calls = [limited(lambda i=i: backend.claim(f"s:beside-{i}", "owner-a", 0)) for i in range(3)]
+    calls.insert(
+        1,
+        limited(lambda: backend.transition(big_id, "owner-a", ("PENDING",), None, progress=b"x" * 100_000)),
+    )
+    outcomes = store_queue_behind_held_lock(backend, calls)
+    kind, error = outcomes[1]
+    assert kind == "error" and isinstance(error, StoreError), outcomes
+    assert "too big" in str(error)
+    assert all(kind == "ok" and claimed is not None for kind, claimed in outcomes[:1] + outcomes[2:]), (
+        outcomes
+    )
+    assert sorted(executor.futures.keys()) == ["beside-0", "beside-1", "beside-2", "big-progress"]
+    assert backend.read("s:big-progress").progress is None, "the failed write was kept"
+
+
+# ---------------------------------------------------------------------------
 # Many processes and threads at once
 # ---------------------------------------------------------------------------
 
