@@ -42,6 +42,7 @@ import hmac
 import importlib
 import itertools
 import logging
+import math
 import os
 import pickle
 import queue
@@ -2987,23 +2988,30 @@ class _RedisStore:
         except ImportError:
             raise ValueError(f"{key}={_without_password(url)!r} needs redis-py: pip install redis") from None
         self._prefix = f"flask_executor:{namespace}"
-        self._ttl = ttl
+        self._ttl = repr(float(ttl or 0))  # an argument of most scripts, encoded once
+        self._marked: dict[str, float] = {}  # when this process last marked an owner alive
+        self._error = redis.RedisError
+        self._no_script = redis.exceptions.NoScriptError
         try:
             self._redis = redis.Redis.from_url(url, socket_timeout=_STORE_WAIT_SECONDS)
-            self._redis.ping()
+            self._shas = {name: self._redis.script_load(script) for name, script in _REDIS_SCRIPTS.items()}
         except (redis.RedisError, ValueError) as error:
             raise ValueError(f"{key}={_without_password(url)!r} cannot be used: {error}") from error
-        self._error = redis.RedisError
-        self._scripts = {
-            name: self._redis.register_script(_REDIS_LIBRARY + body) for name, body in _REDIS_SCRIPTS.items()
-        }
 
     def claim(self, key: str, owner: str, max_length: int) -> tuple[Any, list[str]] | None:
-        # The owner is marked alive at every claim: its mark may have vanished (a flush, a
-        # restart of Redis), and a reader that finds none takes the task for lost for good.
-        claimed = self._run("claim", key, owner, max_length, time.time(), self._ttl or 0, _LOST_AFTER_SECONDS)
-        if not claimed:
+        # The claim marks its owner alive unless that was done less than a heartbeat ago: the
+        # mark then lasts longer than the heartbeat takes to renew it. A process that had no
+        # unfinished task has no fresh mark, and a reader that found none would take the new
+        # task for lost, for good.
+        now = time.monotonic()
+        mark = self._marked.get(owner, -math.inf) < now - _HEARTBEAT_SECONDS
+        claimed = self._run("claim", key, owner, max_length, self._ttl, "1" if mark else "")
+        if not claimed:  # the script stopped before it marked anything
             return None
+        if mark:
+            self._marked[owner] = now
+        if isinstance(claimed, int):
+            return claimed, []  # nothing dropped: the common reply, and the smaller one
         return int(claimed[0]), [dropped.decode() for dropped in claimed[1:]]
 
     def transition(
@@ -3015,34 +3023,26 @@ class _RedisStore:
         outcome: bytes | None = None,
         progress: bytes | None = None,
     ) -> bool:
-        arguments = (
-            entry_id,
-            owner,
-            to_state or "",
-            outcome or b"",
-            progress or b"",
-            time.time(),
-            *from_states,
-        )
+        arguments = (entry_id, owner, to_state or "", outcome or b"", progress or b"", *from_states)
         return bool(self._run("transition", *arguments))
 
     def cancel(self, key: str) -> bool:
-        return bool(self._run("cancel", key, time.time()))
+        return bool(self._run("cancel", key))
 
     def read(self, key: str) -> StoredTask | None:
-        return self._record(self._run("read", key, "", self._ttl or 0, time.time()))
+        return self._record(self._run("read", self._ttl, key, ""))
 
     def read_entry(self, entry_id: Any) -> StoredTask | None:
-        return self._record(self._run("read", "", entry_id, self._ttl or 0, time.time()))
+        return self._record(self._run("read", self._ttl, "", entry_id))
 
     def pop(self, key: str) -> StoredTask | None:
-        return self._record(self._run("pop", key, self._ttl or 0, time.time()))
+        return self._record(self._run("pop", self._ttl, key))
 
     def delete(self, entry_id: Any) -> None:
         self._run("delete", entry_id)
 
     def keys(self) -> list[str]:
-        flat = self._run("keys", self._ttl or 0, time.time())
+        flat = self._run("keys", self._ttl)
         pairs = zip(flat[::2], flat[1::2])
         try:
             return [key.decode() for key, _ in sorted(pairs, key=lambda pair: int(pair[1]))]
@@ -3052,19 +3052,28 @@ class _RedisStore:
             ) from None
 
     def count(self) -> int:
-        return int(self._run("count", self._ttl or 0, time.time()))
+        return int(self._run("count", self._ttl))
 
     def beat(self, owner: str, alive: bool) -> None:
         # Never deleted, only left to expire: deleting would race a claim made meanwhile.
         if alive:
-            name = "flask_executor:owner:" + owner
+            name, now = "flask_executor:owner:" + owner, time.monotonic()
             self._call(lambda: self._redis.set(name, 1, px=int(_LOST_AFTER_SECONDS * 1000)))
+            self._marked[owner] = now
 
     def after_fork(self) -> None:
         pass  # redis-py's connection pool notices a new process by its pid
 
     def _run(self, script: str, *arguments: Any) -> Any:
-        return self._call(lambda: self._scripts[script](keys=[self._prefix], args=arguments))
+        # EVALSHA through execute_command: redis-py's Script object costs a tenth of a round trip more.
+        def evalsha() -> Any:
+            try:
+                return self._redis.execute_command("EVALSHA", self._shas[script], 1, self._prefix, *arguments)
+            except self._no_script:  # Redis restarted, or its scripts were flushed: load it again
+                self._shas[script] = self._redis.script_load(_REDIS_SCRIPTS[script])
+                return self._redis.execute_command("EVALSHA", self._shas[script], 1, self._prefix, *arguments)
+
+        return self._call(evalsha)
 
     def _call(self, operation: Callable[[], T]) -> T:
         try:
@@ -3103,9 +3112,15 @@ def _without_password(url: str) -> str:
 # The Lua scripts of _RedisStore. KEYS[1] is the namespace's prefix; under it live
 # ":seq" (the last entry id), ":e:ID" (an entry's fields), ":keys" (key -> id),
 # ":order" (ids, oldest first) and ":finished" (finished ids by id, for eviction)
-# and ":done_at" (finished ids by time, for the TTL).
+# and ":done_at" (finished ids by the time they finished, for the TTL). Times are
+# the Redis server's, the one clock that every host shares (a script may read it and
+# then write since Redis 5, which replicates a script's effects, not the script).
 _REDIS_LIBRARY = """
 local prefix = KEYS[1]
+local function now()
+    local time = redis.call('TIME')
+    return tonumber(time[1]) + tonumber(time[2]) / 1000000
+end
 local function drop(id)
     local entry = prefix .. ':e:' .. id
     local key = redis.call('HGET', entry, 'key')
@@ -3118,114 +3133,122 @@ local function drop(id)
     redis.call('ZREM', prefix .. ':done_at', id)
     return key
 end
-local function expire(ttl, now)
+local function expire(ttl)
     if tonumber(ttl) > 0 then
-        local expired = redis.call('ZRANGEBYSCORE', prefix .. ':done_at', '-inf', now - ttl, 'LIMIT', 0, 100)
+        local before = now() - ttl
+        local expired = redis.call('ZRANGEBYSCORE', prefix .. ':done_at', '-inf', before, 'LIMIT', 0, 100)
         for _, id in ipairs(expired) do drop(id) end
     end
+end
+local function finished(id)
+    redis.call('ZADD', prefix .. ':finished', id, id)
+    redis.call('ZADD', prefix .. ':done_at', now(), id)
 end
 local function record(id, with_outcome)
     local entry = prefix .. ':e:' .. id
     local fields = redis.call('HMGET', entry, 'key', 'state', 'owner', 'progress')
     if not fields[2] then return nil end
-    local alive = 0
-    if fields[3] then alive = redis.call('EXISTS', 'flask_executor:owner:' .. fields[3]) end
+    local alive = 0  -- asked only about unfinished tasks, the ones that can be lost
+    if fields[3] and (fields[2] == 'PENDING' or fields[2] == 'RUNNING') then
+        alive = redis.call('EXISTS', 'flask_executor:owner:' .. fields[3])
+    end
     local outcome = ''
     if with_outcome then outcome = redis.call('HGET', entry, 'outcome') or '' end
     return {id, fields[1], fields[2], fields[3], outcome, fields[4] or '', alive}
 end
 """
 _REDIS_SCRIPTS = {
-    # ARGV: key, owner, max_length, now, ttl, lost_after
-    "claim": """
-local key, owner, max_length, now = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
-expire(ARGV[5], now)
+    name: _REDIS_LIBRARY + body
+    for name, body in {
+        # ARGV: key, owner, max_length, ttl, mark ('1': mark the owner alive). Replies
+        # the new id, or {id, dropped keys...}.
+        "claim": """
+local key, owner, max_length = ARGV[1], ARGV[2], tonumber(ARGV[3])
+expire(ARGV[4])
 local id = redis.call('INCR', prefix .. ':seq')
 if redis.call('HSETNX', prefix .. ':keys', key, id) == 0 then return false end
 redis.call('HSET', prefix .. ':e:' .. id, 'key', key, 'state', 'PENDING', 'owner', owner)
 redis.call('ZADD', prefix .. ':order', id, id)
-redis.call('SET', 'flask_executor:owner:' .. owner, 1, 'PX', math.floor(tonumber(ARGV[6]) * 1000))
-local result = {id}
-while max_length > 0 and redis.call('ZCARD', prefix .. ':order') > max_length do
+if ARGV[5] == '1' then redis.call('SET', 'flask_executor:owner:' .. owner, 1, 'PX', LOST_AFTER_MS) end
+if max_length == 0 or redis.call('ZCARD', prefix .. ':order') <= max_length then return id end
+local reply = {id}
+while redis.call('ZCARD', prefix .. ':order') > max_length do
     local oldest = redis.call('ZRANGE', prefix .. ':finished', 0, 0)[1]
     if not oldest then
         oldest = redis.call('ZRANGE', prefix .. ':order', 0, 0)[1]
         local dropped = drop(oldest)
-        if dropped and dropped ~= '' then table.insert(result, dropped) end
+        if dropped and dropped ~= '' then table.insert(reply, dropped) end
     else
         drop(oldest)
     end
 end
-return result
-""",
-    # ARGV: id, owner, to_state, outcome, progress, now, from_states...
-    "transition": """
-local id, owner, to_state, outcome, progress, now = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+return reply
+""".replace("LOST_AFTER_MS", str(int(_LOST_AFTER_SECONDS * 1000))),
+        # ARGV: id, owner, to_state, outcome, progress, from_states...
+        "transition": """
+local id, owner, to_state, outcome, progress = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local entry = prefix .. ':e:' .. id
 local fields = redis.call('HMGET', entry, 'state', 'owner')
 if not fields[1] or fields[2] ~= owner then return 0 end
 local allowed = false
-for i = 7, #ARGV do if ARGV[i] == fields[1] then allowed = true end end
+for i = 6, #ARGV do if ARGV[i] == fields[1] then allowed = true end end
 if not allowed then return 0 end
 if to_state ~= '' then
     redis.call('HSET', entry, 'state', to_state)
-    if to_state == 'FINISHED' or to_state == 'CANCELLED' then
-        redis.call('ZADD', prefix .. ':finished', id, id)
-        redis.call('ZADD', prefix .. ':done_at', now, id)
-    end
+    if to_state == 'FINISHED' or to_state == 'CANCELLED' then finished(id) end
 end
 if outcome ~= '' then redis.call('HSET', entry, 'outcome', outcome) end
 if progress ~= '' then redis.call('HSET', entry, 'progress', progress) end
 return 1
 """,
-    # ARGV: key, now
-    "cancel": """
+        # ARGV: key
+        "cancel": """
 local id = redis.call('HGET', prefix .. ':keys', ARGV[1])
 if not id then return 0 end
 local entry = prefix .. ':e:' .. id
 if redis.call('HGET', entry, 'state') ~= 'PENDING' then return 0 end
 redis.call('HSET', entry, 'state', 'CANCELLED')
-redis.call('ZADD', prefix .. ':finished', id, id)
-redis.call('ZADD', prefix .. ':done_at', ARGV[2], id)
+finished(id)
 return 1
 """,
-    # ARGV: key (or ''), id (or ''), ttl, now; by key without the outcome, by id with it
-    "read": """
-expire(ARGV[3], tonumber(ARGV[4]))
-local id = ARGV[2]
-if ARGV[1] ~= '' then id = redis.call('HGET', prefix .. ':keys', ARGV[1]) end
+        # ARGV: ttl, key (or ''), id (or ''); by key without the outcome, by id with it
+        "read": """
+expire(ARGV[1])
+local id = ARGV[3]
+if ARGV[2] ~= '' then id = redis.call('HGET', prefix .. ':keys', ARGV[2]) end
 if not id then return nil end
-return record(id, ARGV[1] == '')
+return record(id, ARGV[2] == '')
 """,
-    # ARGV: key, ttl, now
-    "pop": """
-expire(ARGV[2], tonumber(ARGV[3]))
-local id = redis.call('HGET', prefix .. ':keys', ARGV[1])
+        # ARGV: ttl, key
+        "pop": """
+expire(ARGV[1])
+local id = redis.call('HGET', prefix .. ':keys', ARGV[2])
 if not id then return nil end
 local found = record(id, true)
 if found[3] == 'PENDING' or found[3] == 'RUNNING' then
-    redis.call('HDEL', prefix .. ':keys', ARGV[1])
+    redis.call('HDEL', prefix .. ':keys', ARGV[2])
     redis.call('HSET', prefix .. ':e:' .. id, 'key', '')
 else
     drop(id)
 end
 return found
 """,
-    # ARGV: ttl, now
-    "keys": """
-expire(ARGV[1], tonumber(ARGV[2]))
+        # ARGV: ttl
+        "keys": """
+expire(ARGV[1])
 return redis.call('HGETALL', prefix .. ':keys')
 """,
-    # ARGV: ttl, now
-    "count": """
-expire(ARGV[1], tonumber(ARGV[2]))
+        # ARGV: ttl
+        "count": """
+expire(ARGV[1])
 return redis.call('HLEN', prefix .. ':keys')
 """,
-    # ARGV: id
-    "delete": """
+        # ARGV: id
+        "delete": """
 drop(ARGV[1])
 return 1
 """,
+    }.items()
 }
 
 

@@ -6279,6 +6279,39 @@ def test_redis_ttl_removes_finished_entries_for_every_process_and_keeps_unfinish
         assert not client.exists(redis_entry_name(long_entry))
 
 
+@pytest.mark.timeout(60)
+def test_redis_store_loads_its_scripts_again_after_redis_forgot_them(redis_url, redis_executors):
+    # SCRIPT FLUSH, as a restart of Redis or another client can do: every operation is a
+    # script called by its digest, which Redis then no longer knows.
+    _, executor = redis_executors(redis_url, "flushed")
+    assert redis_finished(executor, "before", executor.submit_stored("before", redis_add, 1, 2)) == 3
+    redis_client(redis_url).script_flush()
+    assert executor.futures.done("before") is True
+    assert redis_finished(executor, "after", executor.submit_stored("after", redis_add, 2, 2)) == 4
+    assert executor.futures.keys() == ["before", "after"]
+    assert executor.futures.pop("before").result() == 3
+
+
+@pytest.mark.timeout(60)
+def test_redis_claim_after_the_owners_mark_expired_marks_the_owner_alive_again(redis_url, redis_executors):
+    # A claim marks its process alive only when it has not done so within a heartbeat; a
+    # process idle for longer than the mark lasts must mark itself again, or readers in
+    # other processes would take its new task for lost until the next heartbeat.
+    _, executor = redis_executors(redis_url, "idle")
+    client = redis_client(redis_url)
+    mark = "flask_executor:owner:" + flask_executor._this_process.token
+    assert redis_finished(executor, "first", executor.submit_stored("first", redis_add, 1, 1)) == 2
+    assert client.pttl(mark) > 0
+    # No unfinished task: the heartbeat stops renewing the mark, and it expires.
+    assert wait_for_condition(lambda: not client.exists(mark), timeout=15)
+    gate = threading.Event()
+    try:
+        executor.submit_stored("second", gate.wait, REDIS_WAIT)
+        assert client.pttl(mark) > 0, "the claim left its owner unmarked: readers elsewhere see TaskLost"
+    finally:
+        gate.set()
+
+
 # ---------------------------------------------------------------------------------------------
 # A Redis outage
 
