@@ -2593,6 +2593,10 @@ class _ForeignEntry(StoreError):
     """An entry of a shared store that Flask-Executor did not write: it lacks fields."""
 
 
+class _OverLimit(StoreError):
+    """An insert that the SQLite store's trigger refused: the namespace is full of unfinished entries."""
+
+
 def _inserted_id(write: _GroupedWrite) -> Any:
     """The id of the row an INSERT OR IGNORE inserted, or None when it inserted none:
     sqlite3's ``lastrowid`` then still holds the id of the connection's last insert."""
@@ -2638,24 +2642,30 @@ class _SQLiteStore:
         self._queued: list[_GroupedWrite] = []
         self._beaten: dict[str, float] = {}  # when this process last marked an owner alive
         self._swept = 0.0  # when it last removed entries older than the TTL
+        self._recorded_limit: int | None = None  # the max_length this object wrote for the trigger
         self._pid = os.getpid()
         self._check_and_create()
 
     # The FuturesStore interface.
 
     def claim(self, key: str, owner: str, max_length: int) -> tuple[Any, list[str]] | None:
-        # Single statements, each a transaction of its own: the common path of a
-        # claim is one insert and one read.
+        # The common path is one statement, a transaction of its own (or of a group, see
+        # _write). The rare one, a transaction of several: the first claim of this object,
+        # a new max_length, or a namespace whose entries are all unfinished and too many.
         now = time.time()
         # Alive first: a reader must never see the entry before a fresh row of its owner.
         if self._beaten.get(owner, 0.0) < now - _HEARTBEAT_SECONDS:
             self.beat(owner, alive=True)
-        insert = "INSERT OR IGNORE INTO tasks (namespace, key, state, owner) VALUES (?, ?, 'PENDING', ?)"
-        entry_id = _inserted_id(self._write(insert, (self._namespace, key, owner)))
-        if not entry_id and self._ttl is not None:  # the key may be held by an expired entry
-            expired = "DELETE FROM tasks WHERE namespace = ? AND key = ? AND finished < ?"
-            self._write(expired, (self._namespace, key, now - self._ttl))
-            entry_id = _inserted_id(self._write(insert, (self._namespace, key, owner)))
+        if max_length != self._recorded_limit:
+            return self._claim_making_room(key, owner, max_length, now)
+        try:
+            entry_id = _inserted_id(self._write(_SQLITE_INSERT, (self._namespace, key, owner)))
+            if not entry_id and self._ttl is not None:  # the key may be held by an expired entry
+                expired = "DELETE FROM tasks WHERE namespace = ? AND key = ? AND finished < ?"
+                self._write(expired, (self._namespace, key, now - self._ttl))
+                entry_id = _inserted_id(self._write(_SQLITE_INSERT, (self._namespace, key, owner)))
+        except _OverLimit:
+            return self._claim_making_room(key, owner, max_length, now)
         if not entry_id:
             return None
         if self._ttl is not None and self._swept < now - _HEARTBEAT_SECONDS:
@@ -2663,17 +2673,7 @@ class _SQLiteStore:
             self._write(
                 "DELETE FROM tasks WHERE namespace = ? AND finished < ?", (self._namespace, now - self._ttl)
             )
-        dropped: list[str] = []
-        if max_length:
-            # The insert dropped finished entries; unfinished ones too, when no more are finished.
-            tasks = "SELECT tasks, max_length FROM namespaces WHERE namespace = ?"
-            count, limit = self._patiently(
-                lambda: self._connection().execute(tasks, (self._namespace,)).fetchone()
-            )
-            if limit != max_length or count > max_length:
-                with self._writing() as db:
-                    dropped = self._drop_over(db, max_length, entry_id)
-        return entry_id, dropped
+        return entry_id, []
 
     def transition(
         self,
@@ -2780,25 +2780,44 @@ class _SQLiteStore:
         alive = seen is not None and seen > time.time() - _LOST_AFTER_SECONDS
         return StoredTask(entry_id, key, state, owner, alive, outcome, progress)
 
-    def _drop_over(self, db: Any, limit: int, newest: Any) -> list[str]:
-        """Records ``limit`` for the insert trigger, and drops entries beyond it,
-        finished ones first, oldest first, never ``newest``; returns the keys of the
-        unfinished ones dropped."""
-        db.execute("UPDATE namespaces SET max_length = ? WHERE namespace = ?", (limit, self._namespace))
+    def _claim_making_room(
+        self, key: str, owner: str, max_length: int, now: float
+    ) -> tuple[Any, list[str]] | None:
+        """The claim in one transaction: records ``max_length`` for the insert trigger, and
+        when the key is free makes room under it and inserts the entry."""
+        namespace, claimed = self._namespace, None
+        with self._writing() as db:
+            db.execute(
+                "INSERT INTO namespaces (namespace, max_length) VALUES (?, ?)"
+                " ON CONFLICT (namespace) DO UPDATE SET max_length = excluded.max_length",
+                (namespace, max_length),
+            )
+            if self._ttl is not None:
+                expired = "DELETE FROM tasks WHERE namespace = ? AND key = ? AND finished < ?"
+                db.execute(expired, (namespace, key, now - self._ttl))
+            in_use = db.execute("SELECT 1 FROM tasks WHERE namespace = ? AND key = ?", (namespace, key))
+            if in_use.fetchone() is None:
+                dropped = self._make_room(db, max_length - 1) if max_length else []
+                claimed = db.execute(_SQLITE_INSERT, (namespace, key, owner)).lastrowid, dropped
+        self._recorded_limit = max_length  # committed
+        return claimed
+
+    def _make_room(self, db: Any, limit: int) -> list[str]:
+        """Drops the entries beyond ``limit``, finished ones first, oldest first;
+        returns the keys of the unfinished ones dropped."""
         count = "SELECT tasks FROM namespaces WHERE namespace = ?"
         excess = db.execute(count, (self._namespace,)).fetchone()[0] - limit
         if excess <= 0:
             return []
         excess -= db.execute(
             "DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE namespace = ? AND finished IS NOT NULL"
-            " AND id != ? ORDER BY id LIMIT ?)",
-            (self._namespace, newest, excess),
+            " ORDER BY id LIMIT ?)",
+            (self._namespace, excess),
         ).rowcount
         if excess <= 0:
             return []
         oldest = db.execute(
-            "SELECT id, key FROM tasks WHERE namespace = ? AND id != ? ORDER BY id LIMIT ?",
-            (self._namespace, newest, excess),
+            "SELECT id, key FROM tasks WHERE namespace = ? ORDER BY id LIMIT ?", (self._namespace, excess)
         ).fetchall()
         db.executemany("DELETE FROM tasks WHERE id = ?", [(entry_id,) for entry_id, _ in oldest])
         return [key for _, key in oldest if key is not None]
@@ -2873,6 +2892,8 @@ class _SQLiteStore:
     def _failed(self, error: BaseException) -> StoreError:
         if isinstance(error, StoreError):
             return error
+        if isinstance(error, self._sqlite3.IntegrityError) and _SQLITE_OVER_LIMIT in str(error):
+            return _OverLimit(str(error))
         return StoreError(f"the store {self._path} ({self._key}) failed: {error!r}")
 
     def _limit_wal(self, connection: Any) -> None:
@@ -3254,23 +3275,39 @@ return 1
 
 _STORE_WAIT_SECONDS = 5.0
 _WAL_LIMIT = 4 * 1024 * 1024
+# The id is the last one handed out plus one (NULL, SQLite's choice, in a new file).
+_SQLITE_INSERT = (
+    "INSERT OR IGNORE INTO tasks (id, namespace, key, state, owner) VALUES"
+    " ((SELECT tasks + 1 FROM namespaces WHERE namespace = ''), ?, ?, 'PENDING', ?)"
+)
+_SQLITE_OVER_LIMIT = "flask_executor: over max_length"
 _SQLITE_SCHEMA = (
-    # AUTOINCREMENT: an id is never reused, so a reader holding one never reads another task.
-    "CREATE TABLE IF NOT EXISTS tasks (id INTEGER PRIMARY KEY AUTOINCREMENT, namespace TEXT NOT NULL,"
+    "CREATE TABLE IF NOT EXISTS tasks (id INTEGER PRIMARY KEY, namespace TEXT NOT NULL,"
     " key TEXT, state TEXT NOT NULL, owner TEXT NOT NULL, outcome BLOB, progress BLOB, finished REAL)",
     "CREATE UNIQUE INDEX IF NOT EXISTS tasks_by_key ON tasks (namespace, key)",
     "CREATE INDEX IF NOT EXISTS finished_tasks ON tasks (namespace, id) WHERE finished IS NOT NULL",
     "CREATE TABLE IF NOT EXISTS owners (owner TEXT PRIMARY KEY, seen REAL NOT NULL) WITHOUT ROWID",
+    # A namespace's entries are counted here. The row of namespace '' counts ids: its
+    # tasks column is the last id handed out, so that an id is never reused and a reader
+    # holding one never reads another task. (AUTOINCREMENT would keep it in a table of
+    # its own, a page more for every insert to write.)
     "CREATE TABLE IF NOT EXISTS namespaces (namespace TEXT PRIMARY KEY, tasks INTEGER NOT NULL DEFAULT 0,"
     " max_length INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID",
-    # Counting, and dropping the oldest finished entries beyond max_length, happen in
-    # the statement that inserts an entry: a claim is one write.
-    "CREATE TRIGGER IF NOT EXISTS inserted AFTER INSERT ON tasks BEGIN"
+    # Counting, and keeping a namespace within its max_length, happen in the statement
+    # that inserts an entry, so that a claim is one write: it drops the oldest finished
+    # entries beyond the limit, and fails when too many are left, all unfinished (the
+    # claim then drops the oldest in a transaction, and names them).
+    "DROP TRIGGER IF EXISTS inserted",  # the one of files made before it could fail
+    "CREATE TRIGGER IF NOT EXISTS bounded AFTER INSERT ON tasks BEGIN"
     " INSERT INTO namespaces (namespace, tasks) VALUES (new.namespace, 1)"
     " ON CONFLICT (namespace) DO UPDATE SET tasks = tasks + 1;"
+    " INSERT INTO namespaces (namespace, tasks) VALUES ('', new.id)"
+    " ON CONFLICT (namespace) DO UPDATE SET tasks = max(tasks, excluded.tasks);"
     " DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE namespace = new.namespace"
     " AND finished IS NOT NULL ORDER BY id LIMIT coalesce((SELECT max(0, tasks - max_length)"
-    " FROM namespaces WHERE namespace = new.namespace AND max_length > 0), 0)); END",
+    " FROM namespaces WHERE namespace = new.namespace AND max_length > 0), 0));"
+    f" SELECT RAISE(ABORT, '{_SQLITE_OVER_LIMIT}') FROM namespaces WHERE namespace = new.namespace"
+    " AND max_length > 0 AND tasks > max_length; END",
     "CREATE TRIGGER IF NOT EXISTS deleted AFTER DELETE ON tasks BEGIN"
     " UPDATE namespaces SET tasks = tasks - 1 WHERE namespace = old.namespace; END",
 )

@@ -7261,6 +7261,63 @@ def test_max_length_is_store_wide_dropping_finished_entries_first_oldest_first(
     assert any(level == "WARNING" and "'m-u1'" in message for level, message in first.logs())
 
 
+@pytest.mark.timeout(60)
+def test_store_never_hands_out_the_id_of_a_deleted_entry_again(store_local, store_path):
+    # A reader, or the task's own process, may still hold the id of an entry that was
+    # popped: a new entry under that id would be read, or written, as the old one.
+    _, executor = store_local()
+    backend = executor.futures._store.backend
+    backend.beat("owner-a", alive=True)
+    newest = None
+    for key in ("s:first", "s:second", "s:third"):
+        newest, _ = backend.claim(key, "owner-a", 0)
+    assert backend.transition(newest, "owner-a", ("PENDING",), "FINISHED", outcome=b"x")
+    assert backend.pop("s:third").id == newest  # finished: deleted, and it held the highest id
+    assert backend.read_entry(newest) is None
+    again, _ = backend.claim("s:fourth", "owner-a", 0)
+    assert again > newest
+    assert backend.read_entry(newest) is None
+    # and from a process that starts afresh on the file
+    _, later = store_local()
+    later_backend = later.futures._store.backend
+    later_backend.delete(again)
+    assert later_backend.claim("s:fifth", "owner-b", 0)[0] > again
+
+
+# The insert trigger of store files made by earlier development builds: it counted and
+# dropped finished entries, and never refused an insert.
+STORE_EARLIER_TRIGGER = (
+    "CREATE TRIGGER inserted AFTER INSERT ON tasks BEGIN"
+    " INSERT INTO namespaces (namespace, tasks) VALUES (new.namespace, 1)"
+    " ON CONFLICT (namespace) DO UPDATE SET tasks = tasks + 1; END"
+)
+
+
+@pytest.mark.timeout(60)
+def test_store_file_of_an_earlier_build_gets_the_new_insert_trigger_and_counts_each_entry_once(
+    store_local, store_path, store_gates
+):
+    store_local()  # makes the file
+    db = sqlite3.connect(store_path, isolation_level=None)
+    db.execute("DROP TRIGGER bounded")
+    db.execute(STORE_EARLIER_TRIGGER)
+    db.close()
+    _, executor = store_local(EXECUTOR_FUTURES_MAX_LENGTH=3)
+    db = sqlite3.connect(store_path)
+    triggers = sorted(name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'"))
+    db.close()
+    assert triggers == ["bounded", "deleted"]
+    gate = threading.Event()
+    try:
+        for key in ("e-1", "e-2", "e-3", "e-4"):
+            executor.submit_stored(key, gate.wait, STORE_WAIT)
+        # counted once each: the fourth, over the limit of 3, dropped only the oldest
+        assert executor.futures.keys() == ["e-2", "e-3", "e-4"]
+        assert len(executor.futures) == 3
+    finally:
+        gate.set()
+
+
 @pytest.mark.timeout(90)
 def test_finished_entries_past_the_ttl_are_gone_from_contains_keys_and_len(
     store_agents, store_local, store_gates
@@ -7803,11 +7860,12 @@ def test_store_claims_of_one_key_queued_together_are_won_by_exactly_one(store_lo
     _, executor = store_local()
     backend = executor.futures._store.backend
     backend.beat("owner-a", alive=True)
+    assert backend.claim("s:first", "owner-a", 0) is not None  # its first claim records max_length
     outcomes = store_queue_behind_held_lock(backend, [lambda: backend.claim("s:contested", "owner-a", 0)] * 6)
     winners = [claimed for kind, claimed in outcomes if kind == "ok" and claimed is not None]
     assert len(winners) == 1, outcomes
     assert [kind for kind, _ in outcomes] == ["ok"] * 6, outcomes
-    assert executor.futures.keys() == ["contested"]
+    assert executor.futures.keys() == ["first", "contested"]
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3.Connection.setlimit() is Python 3.11+")
