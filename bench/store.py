@@ -1,7 +1,7 @@
 """Shared stores of stored futures (EXECUTOR_FUTURES_STORE), timed with pyperf: SQLite and Redis
 against the in-process store, and the Redis store beside RQ, Celery and Huey on one redis-server.
 
-Setup: ``pip install -r bench/requirements.txt rq celery redis huey``, and Debian's redis-server
+Setup: ``pip install -r bench/requirements.txt rq celery redis huey hiredis``, and Debian's redis-server
 (without it, or without redis-py, the Redis rows are skipped with a note).  From the repository root::
 
     python bench/store.py                            # every benchmark, then the table
@@ -302,7 +302,7 @@ def writer_main(argv):
 
 def versions():
     out = {}
-    for package in ("rq", "celery", "redis", "huey"):
+    for package in ("rq", "celery", "redis", "huey", "hiredis"):
         try:
             out[f"{package}_version"] = version(package)
         except PackageNotFoundError:
@@ -408,7 +408,9 @@ def report(opts, notes, failed):
     if benches:
         m = benches[0].get_metadata()
         load = sorted(r.get_metadata().get("load_avg_1min", 0) for b in benches for r in b.get_runs())
-        peers = ", ".join(f"{p} {m[p + '_version']}" for p in (*PEERS, "redis") if p + "_version" in m)
+        clients = (*PEERS, "redis", "hiredis")
+        peers = ", ".join(f"{p} {m[p + '_version']}" for p in clients if p + "_version" in m)
+        peers += "" if "hiredis_version" in m else " (no hiredis: redis-py parses replies in Python)"
         print(f"{m['flask_executor_file']} (sha1 {m['flask_executor_sha1']}), Python {m['python_version']}")
         server, cpu = m.get("redis_server", "-"), f"{m.get('cpu_model_name')}, {m['cpu_count']} CPUs"
         print(f"  Flask {m['flask_version']}, SQLite {m['sqlite_version']}, redis-server {server}")
@@ -444,7 +446,6 @@ def report(opts, notes, failed):
         ("submit_stored, SQLite store <= 100 µs (no-ops running)", "submit.sqlite.call", 100),
         ("submit_stored, SQLite store <= 100 µs (no worker running)", "submit.sqlite.held", 100),
         ("status query from another process, SQLite <= 20 µs", "query.sqlite", 20),
-        ("status query from another process, Redis <= 20 µs", "query.redis", 20),
         ("status query, Redis <= one round trip (ping)", "query.redis", med.get("redis.ping")),
     ]
     if any(f"enqueue.{p}" in med for p in PEERS):
