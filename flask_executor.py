@@ -2860,9 +2860,9 @@ class _SQLiteStore:
         one alone as a transaction of its own (no BEGIN and COMMIT to pay for)."""
         with self._queue_lock:
             writes, self._queued = self._queued, []
-        db = self._connection()
-        grouped = len(writes) > 1
+        db, grouped = None, len(writes) > 1
         try:
+            db = self._connection()
             if grouped:  # IMMEDIATE takes the write lock now, so no statement has to retry
                 self._patiently(lambda: db.execute("BEGIN IMMEDIATE"))
             for write in writes:
@@ -2878,7 +2878,7 @@ class _SQLiteStore:
             if grouped:
                 self._patiently(lambda: db.execute("COMMIT"))
         except BaseException as error:
-            if db.in_transaction:
+            if db is not None and db.in_transaction:
                 db.execute("ROLLBACK")
             for write in writes:
                 write.error = write.error or self._failed(error)
@@ -2887,7 +2887,8 @@ class _SQLiteStore:
         finally:
             for write in writes:
                 write.done = True
-        self._limit_wal(db)
+        if db is not None:
+            self._limit_wal(db)
 
     def _failed(self, error: BaseException) -> StoreError:
         if isinstance(error, StoreError):

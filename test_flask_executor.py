@@ -7806,9 +7806,10 @@ def store_empty_wal(path):
         db.close()
 
 
-def store_queue_behind_held_lock(backend, calls):
+def store_queue_behind_held_lock(backend, calls, while_held=lambda: None):
     """Runs each of ``calls`` in a thread of its own while this thread holds the store's write
-    lock, so that all of them queue; then lets them go. Returns each call's result or error."""
+    lock, so that all of them queue; calls ``while_held()``, then lets them go. Returns each
+    call's result or error."""
     outcomes = [None] * len(calls)
 
     def run(index, call):
@@ -7822,6 +7823,7 @@ def store_queue_behind_held_lock(backend, calls):
         for thread in threads:
             thread.start()
         assert wait_for_condition(lambda: len(backend._queued) == len(calls), timeout=10), backend._queued
+        while_held()
     for thread in threads:
         thread.join(10)
     return outcomes
@@ -7866,6 +7868,28 @@ def test_store_claims_of_one_key_queued_together_are_won_by_exactly_one(store_lo
     assert len(winners) == 1, outcomes
     assert [kind for kind, _ in outcomes] == ["ok"] * 6, outcomes
     assert executor.futures.keys() == ["first", "contested"]
+
+
+@pytest.mark.timeout(60)
+def test_store_group_whose_committing_thread_cannot_open_the_file_fails_every_write_with_store_error(
+    store_local, tmp_path
+):
+    # The directory moved away under a running app: threads that already write have their
+    # connection, and a thread that writes for the first time cannot open one. If that
+    # thread commits a group, every write of it fails, and none reads as a refused claim.
+    directory = tmp_path / "store-dir"
+    directory.mkdir()
+    _, executor = store_local(path=directory / "futures.db")
+    backend = executor.futures._store.backend
+    backend.beat("owner-a", alive=True)
+    assert backend.claim("s:first", "owner-a", 0) is not None
+    outcomes = store_queue_behind_held_lock(
+        backend,
+        [lambda i=i: backend.claim(f"s:queued-{i}", "owner-a", 0) for i in range(4)],
+        while_held=lambda: directory.rename(tmp_path / "moved-away"),
+    )
+    assert all(kind == "error" and isinstance(error, StoreError) for kind, error in outcomes), outcomes
+    assert all("unable to open" in str(error) for _, error in outcomes), outcomes
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3.Connection.setlimit() is Python 3.11+")
