@@ -42,7 +42,6 @@ import hmac
 import importlib
 import itertools
 import logging
-import math
 import os
 import pickle
 import queue
@@ -789,8 +788,9 @@ class FuturesStore(Protocol):
         sets the state (unless ``None``), and the outcome and progress (unless
         ``None``). Returns whether it did."""
 
-    def cancel(self, key: str) -> bool:
-        """Atomically: marks the entry under ``key`` ``CANCELLED`` if it is ``PENDING``."""
+    def cancel(self, key: str | None, entry_id: Any) -> bool:
+        """Atomically: marks the entry with this id ``CANCELLED`` if it is ``PENDING`` and
+        still under ``key`` (``None``: popped, and kept without its key)."""
 
     def read(self, key: str) -> StoredTask | None:
         """The entry under ``key``, or ``None``. Its outcome may be left out (``None``),
@@ -801,7 +801,9 @@ class FuturesStore(Protocol):
 
     def pop(self, key: str) -> StoredTask | None:
         """Atomically: takes ``key`` out of use and returns its entry. A finished
-        entry is deleted; an unfinished one is kept without its key, for the popper."""
+        entry is deleted; an unfinished one is kept without its key, for the popper,
+        and so is a ``CANCELLED`` one without an outcome, for its owner, which has not
+        seen the cancel yet."""
 
     def delete(self, entry_id: Any) -> None:
         """Deletes the entry with this id, if there is one."""
@@ -2201,10 +2203,9 @@ class _SharedStore:
             local = self._local.pop(record.id, None)
         if local is None:
             return _StoredFuture(self, record, popped=True)
-        if record.state in _UNFINISHED:  # the store kept it for a reader in another process
-            entry = getattr(local, "_entry", None)
-            if entry is not None:
-                entry.released = True
+        if record.state == "CANCELLED":  # by another process, maybe before this one's worker saw it
+            local.cancel()
+        if _kept_when_popped(record):  # for a reader elsewhere, or this process: it is this one
             self.backend.delete(record.id)
         return local
 
@@ -2281,7 +2282,7 @@ class _Entry:
     """The store's record of one task this process accepted: the task's future
     reports each change of state to it, and it writes the change to the store."""
 
-    __slots__ = ("finished", "id", "key", "last_progress", "released", "store")
+    __slots__ = ("finished", "id", "key", "last_progress", "store")
 
     def __init__(self, store: _SharedStore, entry_id: Any, key: Hashable) -> None:
         self.store = store
@@ -2289,17 +2290,19 @@ class _Entry:
         self.key = key
         self.last_progress = 0.0
         self.finished = False
-        self.released = False  # popped by this process before it started: runs untracked
 
     def start(self) -> bool:
-        """Whether the task may run: not when it was cancelled in another process
-        (or taken for lost). A task whose key this process popped meanwhile runs untracked;
-        one whose entry vanished otherwise (cancelled elsewhere, then popped) does not."""
+        """Whether the task may run: not when another process cancelled it (or took it
+        for lost). A task whose entry is gone runs untracked, as a dropped future's task
+        does in this process's own memory store: popped here, or dropped to stay within
+        max_length."""
         store = self.store
         try:
             if store.backend.transition(self.id, _this_process.token, ("PENDING",), "RUNNING"):
                 return True
             record = store.backend.read_entry(self.id)
+            if record is not None and record.state == "CANCELLED" and record.outcome is None:
+                self._saw_cancel()
         except Exception:  # not only StoreError: a store the user passed may raise anything
             store.logger.exception(
                 "Task %r runs, but the store could not be told it started: readers in other"
@@ -2307,7 +2310,17 @@ class _Entry:
                 self.key,
             )
             return True
-        return (record is None and self.released) or (record is not None and record.state == "RUNNING")
+        return record is None or record.state == "RUNNING"
+
+    def _saw_cancel(self) -> None:
+        # Cancelled by another process: an outcome says this one saw it, so that a pop
+        # deletes the entry. Popped already, the entry waited for this one, and goes
+        # (its popper read it cancelled, or cancelled it).
+        backend, blob = self.store.backend, self.store.signer.cancelled(self.id)
+        backend.transition(self.id, _this_process.token, ("CANCELLED",), None, outcome=blob)
+        record = backend.read_entry(self.id)
+        if record is not None and record.key is None:
+            backend.delete(self.id)
 
     def progress(self, progress: Progress) -> None:
         # Written at most every 50 ms: a task may report on every row of a big file.
@@ -2332,7 +2345,7 @@ class _Entry:
             self.finished = True
         store.finished_one()
         if outcome is None and future.cancelled():
-            state, blob = "CANCELLED", None
+            state, blob = "CANCELLED", store.signer.cancelled(self.id)
         else:
             state, blob = "FINISHED", store.signer.outcome(self.id, outcome or _outcome_of(future))
         progress = getattr(future, "progress", None)
@@ -2346,6 +2359,8 @@ class _Entry:
                 progress=None if progress is None else store.signer.dumps("progress", progress, self.id),
             )
             record = None if written else store.backend.read_entry(self.id)
+            if record is not None and record.state == "CANCELLED" and record.outcome is None:
+                self._saw_cancel()  # cancelled from another process, then here before it started
         except Exception:
             store.logger.exception(
                 "The end of task %r could not be written to the store: readers in other processes"
@@ -2400,9 +2415,13 @@ class _StoredFuture:
         local = self._store.local_future(self._record.id)
         if local is not None:
             return local.cancel()
-        if self._record.key is None:
-            return self._read().state == "CANCELLED"
-        return self._store.backend.cancel(self._record.key) or self._read().state == "CANCELLED"
+        # The entry read, while it is under the key it was read with: the key may name
+        # another task by now, and a popped entry is its popper's.
+        record = self._record
+        if self._store.backend.cancel(record.key, record.id):
+            self._record, self._fresh = record._replace(state="CANCELLED"), True
+            return True
+        return self._read().state == "CANCELLED"
 
     def result(self, timeout: float | None = None) -> Any:
         kind, value = self._outcome(timeout)
@@ -2484,7 +2503,7 @@ class _StoredFuture:
             if record.outcome is None:  # read by key, which may leave the outcome out
                 record = self._store.backend.read_entry(record.id) or record
             outcome = self._store.signer.loads("outcome", cast(bytes, record.outcome), self)
-        if self._popped and record.key is None:
+        if self._popped and record.key is None and not _kept_when_popped(record):
             self._store.backend.delete(record.id)  # detached for this reader, who has it now
         if outcome[0] == "unpicklable":
             raise StoreError(
@@ -2529,6 +2548,14 @@ def _is_store_key(key: object) -> bool:
 
 def _encode_key(key: Hashable) -> str:
     if isinstance(key, str):
+        if not key.isascii():
+            try:
+                key.encode()
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"future key {key!r} cannot go to a shared store: it is not valid text (a lone"
+                    " surrogate, as from JSON with a broken escape); use a key that encodes as UTF-8"
+                ) from None
         return "s:" + key
     if isinstance(key, int) and not isinstance(key, bool):
         return f"i:{key}"
@@ -2554,6 +2581,10 @@ class _Signer:
     def dumps(self, field: str, value: object, entry_id: Any) -> bytes:
         payload = pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
         return self._mac(field, entry_id, payload) + payload
+
+    def cancelled(self, entry_id: Any) -> bytes:
+        """The outcome of a cancelled task, written by the process that accepted it."""
+        return self.dumps("outcome", ("exception", concurrent.futures.CancelledError()), entry_id)
 
     def outcome(self, entry_id: Any, outcome: tuple[str, Any]) -> bytes:
         try:
@@ -2584,6 +2615,12 @@ class _Signer:
         return hmac.new(self._key, signed, hashlib.sha256).digest()
 
 
+def _kept_when_popped(record: StoredTask) -> bool:
+    """Whether a popped entry is kept, without its key: unfinished, for the popper to
+    read; cancelled without an outcome, for its owner, which has not seen the cancel."""
+    return record.state in _UNFINISHED or (record.state == "CANCELLED" and record.outcome is None)
+
+
 def _outcome_of(future: concurrent.futures.Future[Any]) -> tuple[str, Any]:
     exception = future.exception()
     return ("result", future.result()) if exception is None else ("exception", exception)
@@ -2597,14 +2634,15 @@ class _OverLimit(StoreError):
     """An insert that the SQLite store's trigger refused: the namespace is full of unfinished entries."""
 
 
-def _inserted_id(write: _GroupedWrite) -> Any:
+def _inserted_id(write: _QueuedWrite) -> Any:
     """The id of the row an INSERT OR IGNORE inserted, or None when it inserted none:
-    sqlite3's ``lastrowid`` then still holds the id of the connection's last insert."""
+    sqlite3's ``lastrowid`` then still holds the id of the last insert on the connection
+    that ran it."""
     return write.lastrowid if write.rowcount == 1 else None
 
 
-class _GroupedWrite:
-    """One statement of a group commit (see ``_SQLiteStore._write``), and what it did."""
+class _QueuedWrite:
+    """One statement that a thread asked ``_SQLiteStore._write`` to run, and what it did."""
 
     __slots__ = ("done", "error", "lastrowid", "parameters", "rowcount", "statement")
 
@@ -2614,7 +2652,7 @@ class _GroupedWrite:
         self.done = False
         self.rowcount = -1
         self.lastrowid: Any = None
-        self.error: StoreError | None = None
+        self.error: BaseException | None = None
 
 
 class _SQLiteStore:
@@ -2639,7 +2677,7 @@ class _SQLiteStore:
         # wait for the next turn (see _write).
         self._write_lock = threading.Lock()
         self._queue_lock = threading.Lock()
-        self._queued: list[_GroupedWrite] = []
+        self._queued: list[_QueuedWrite] = []
         self._beaten: dict[str, float] = {}  # when this process last marked an owner alive
         self._swept = 0.0  # when it last removed entries older than the TTL
         self._recorded_limit: int | None = None  # the max_length this object wrote for the trigger
@@ -2694,12 +2732,12 @@ class _SQLiteStore:
         parameters = (to_state, outcome, progress, finished, entry_id, owner, *from_states)
         return bool(self._write(update, parameters).rowcount == 1)
 
-    def cancel(self, key: str) -> bool:
+    def cancel(self, key: str | None, entry_id: Any) -> bool:
         update = (
             "UPDATE tasks SET state = 'CANCELLED', finished = ?"
-            " WHERE namespace = ? AND key = ? AND state = 'PENDING'"
+            " WHERE id = ? AND key IS ? AND state = 'PENDING'"
         )
-        return bool(self._write(update, (time.time(), self._namespace, key)).rowcount == 1)
+        return self._write(update, (time.time(), entry_id, key)).rowcount == 1
 
     def read(self, key: str) -> StoredTask | None:
         return self._read("t.namespace = ? AND t.key = ?", (self._namespace, key))
@@ -2711,7 +2749,7 @@ class _SQLiteStore:
         with self._writing() as db:
             record = self._read("t.namespace = ? AND t.key = ?", (self._namespace, key), db)
             if record is not None:
-                if record.state in _UNFINISHED:  # kept, without its key, for the popper to read
+                if _kept_when_popped(record):
                     db.execute("UPDATE tasks SET key = NULL WHERE id = ?", (record.id,))
                 else:
                     db.execute("DELETE FROM tasks WHERE id = ?", (record.id,))
@@ -2822,9 +2860,17 @@ class _SQLiteStore:
         db.executemany("DELETE FROM tasks WHERE id = ?", [(entry_id,) for entry_id, _ in oldest])
         return [key for _, key in oldest if key is not None]
 
-    def _connection(self) -> Any:
+    def _check_fork(self) -> None:
+        # A fork that bypassed Python's fork hook (uWSGI forks in C): everything starts over
+        # once, in the first thread that notices, before any queue, lock or connection of
+        # the parent is used here.
         if self._pid != os.getpid():
-            self.after_fork()
+            _this_process.start_over()
+            if self._pid != os.getpid():  # a store that no live executor holds
+                self.after_fork()
+
+    def _connection(self) -> Any:
+        self._check_fork()
         connection = getattr(self._connections, "connection", None)
         if connection is None:
             connection = self._connect()
@@ -2835,54 +2881,72 @@ class _SQLiteStore:
         # isolation_level=None: no implicit transactions, _writing() begins each one.
         # timeout=0: SQLite's own wait sleeps a millisecond or more at a time, so
         # _patiently() retries instead, in steps of a fraction of one.
-        connection = self._sqlite3.connect(self._path, timeout=0, isolation_level=None)
+        try:
+            connection = self._sqlite3.connect(self._path, timeout=0, isolation_level=None)
+        except self._sqlite3.Error as error:  # the file went away, or its directory did
+            raise self._store_error(error) from error
         # Durable enough in WAL mode, and far faster; the WAL file truncated back after a reset.
         self._patiently(lambda: connection.execute("PRAGMA synchronous = NORMAL"))
         self._patiently(lambda: connection.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}"))
         return connection
 
-    def _write(self, statement: str, parameters: tuple[Any, ...]) -> _GroupedWrite:
+    def _write(self, statement: str, parameters: tuple[Any, ...]) -> _QueuedWrite:
         """Runs one statement, atomically. The writes that the threads of this process
         ask for meanwhile are committed together (a group commit): committing costs
         several times what a statement does, and under load the threads share it."""
-        write = _GroupedWrite(statement, parameters)
+        self._check_fork()
+        write = _QueuedWrite(statement, parameters)
         with self._queue_lock:
             self._queued.append(write)
-        with self._write_lock:
-            if not write.done:  # else the thread that held the lock before committed it
-                self._commit_queued()
+        try:
+            with self._write_lock:
+                if not write.done:  # else the thread that held the lock before ran it
+                    self._commit_queued()
+        except BaseException:
+            # Interrupted while it waited (KeyboardInterrupt, a worker's SystemExit): a write
+            # still queued must not run later, behind its caller's back.
+            with self._queue_lock:
+                if write in self._queued:
+                    self._queued.remove(write)
+            raise
         if write.error is not None:
-            raise write.error
+            # A new exception for each thread: one raised in several would share a traceback.
+            raise self._store_error(write.error) from write.error
         return write
 
     def _commit_queued(self) -> None:
         """Runs the queued writes, with _write_lock held: several in one transaction,
-        one alone as a transaction of its own (no BEGIN and COMMIT to pay for)."""
-        with self._queue_lock:
-            writes, self._queued = self._queued, []
-        db, grouped = None, len(writes) > 1
+        one alone as a transaction of its own (no BEGIN and COMMIT to pay for). Each
+        write ends done, with its result or its error."""
+        writes: list[_QueuedWrite] = []
+        db, committed = None, False
         try:
+            with self._queue_lock:
+                writes, self._queued = self._queued, []
             db = self._connection()
+            grouped = len(writes) > 1
             if grouped:  # IMMEDIATE takes the write lock now, so no statement has to retry
                 self._patiently(lambda: db.execute("BEGIN IMMEDIATE"))
             for write in writes:
                 try:
                     cursor = self._patiently(functools.partial(db.execute, write.statement, write.parameters))
                     write.rowcount, write.lastrowid = cursor.rowcount, cursor.lastrowid
-                except (StoreError, self._sqlite3.Error) as error:
-                    write.error = self._failed(error)
+                except Exception as error:  # a write's own failure (a blob too big, a bad key)
+                    write.error = error
                     # SQLite undid this statement alone, unless the error ended the transaction
                     # (a full disk, an I/O error): then no write of the group is left.
                     if grouped and not db.in_transaction:
-                        raise write.error from error
+                        raise
             if grouped:
                 self._patiently(lambda: db.execute("COMMIT"))
+            committed = True
         except BaseException as error:
             if db is not None and db.in_transaction:
                 db.execute("ROLLBACK")
-            for write in writes:
-                write.error = write.error or self._failed(error)
-            if not isinstance(error, (StoreError, self._sqlite3.Error)):
+            if not committed:
+                for write in writes:
+                    write.error = write.error or error
+            if not isinstance(error, Exception):
                 raise  # an interruption (KeyboardInterrupt...): the other writers get a StoreError
         finally:
             for write in writes:
@@ -2890,11 +2954,13 @@ class _SQLiteStore:
         if db is not None:
             self._limit_wal(db)
 
-    def _failed(self, error: BaseException) -> StoreError:
-        if isinstance(error, StoreError):
-            return error
+    def _store_error(self, error: BaseException) -> StoreError:
+        """The StoreError that a failure of SQLite (or of the store's code) becomes, for one
+        thread to raise; an insert the trigger refused over max_length becomes _OverLimit."""
         if isinstance(error, self._sqlite3.IntegrityError) and _SQLITE_OVER_LIMIT in str(error):
             return _OverLimit(str(error))
+        if isinstance(error, StoreError):
+            return type(error)(str(error))
         return StoreError(f"the store {self._path} ({self._key}) failed: {error!r}")
 
     def _limit_wal(self, connection: Any) -> None:
@@ -2914,17 +2980,18 @@ class _SQLiteStore:
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[Any]:
+        self._check_fork()
         with self._write_lock:
             db = self._connection()
             # IMMEDIATE takes the write lock now, so that the transaction never has to retry.
             self._patiently(lambda: db.execute("BEGIN IMMEDIATE"))
             try:
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            else:
                 self._patiently(lambda: db.execute("COMMIT"))
+            except BaseException:
+                if db.in_transaction:  # else the connection would keep the file's write lock
+                    db.execute("ROLLBACK")
+                raise
 
     def _patiently(self, operation: Callable[[], T]) -> T:
         """Runs ``operation``, retrying while another process has the database
@@ -3010,28 +3077,23 @@ class _RedisStore:
         except ImportError:
             raise ValueError(f"{key}={_without_password(url)!r} needs redis-py: pip install redis") from None
         self._prefix = f"flask_executor:{namespace}"
-        self._ttl = repr(float(ttl or 0))  # an argument of most scripts, encoded once
-        self._marked: dict[str, float] = {}  # when this process last marked an owner alive
+        self._ttl_argument = repr(float(ttl or 0))  # of most scripts, encoded once
         self._error = redis.RedisError
         self._no_script = redis.exceptions.NoScriptError
         try:
             self._redis = redis.Redis.from_url(url, socket_timeout=_STORE_WAIT_SECONDS)
-            self._shas = {name: self._redis.script_load(script) for name, script in _REDIS_SCRIPTS.items()}
+            for script in _REDIS_SCRIPTS.values():  # compiled by the server now, not at the first call
+                self._redis.script_load(script)
         except (redis.RedisError, ValueError) as error:
             raise ValueError(f"{key}={_without_password(url)!r} cannot be used: {error}") from error
 
     def claim(self, key: str, owner: str, max_length: int) -> tuple[Any, list[str]] | None:
-        # The claim marks its owner alive unless that was done less than a heartbeat ago: the
-        # mark then lasts longer than the heartbeat takes to renew it. A process that had no
-        # unfinished task has no fresh mark, and a reader that found none would take the new
-        # task for lost, for good.
-        now = time.monotonic()
-        mark = self._marked.get(owner, -math.inf) < now - _HEARTBEAT_SECONDS
-        claimed = self._run("claim", key, owner, max_length, self._ttl, "1" if mark else "")
-        if not claimed:  # the script stopped before it marked anything
+        # The owner is marked alive at every claim: its mark may have vanished (a flush, a
+        # restart of Redis, an idle spell), and a reader that finds none takes the task for
+        # lost for good.
+        claimed = self._run("claim", key, owner, max_length, self._ttl_argument)
+        if not claimed:
             return None
-        if mark:
-            self._marked[owner] = now
         if isinstance(claimed, int):
             return claimed, []  # nothing dropped: the common reply, and the smaller one
         return int(claimed[0]), [dropped.decode() for dropped in claimed[1:]]
@@ -3048,23 +3110,23 @@ class _RedisStore:
         arguments = (entry_id, owner, to_state or "", outcome or b"", progress or b"", *from_states)
         return bool(self._run("transition", *arguments))
 
-    def cancel(self, key: str) -> bool:
-        return bool(self._run("cancel", key))
+    def cancel(self, key: str | None, entry_id: Any) -> bool:
+        return bool(self._run("cancel", entry_id, key or ""))
 
     def read(self, key: str) -> StoredTask | None:
-        return self._record(self._run("read", self._ttl, key, ""))
+        return self._record(self._run("read", self._ttl_argument, key, ""))
 
     def read_entry(self, entry_id: Any) -> StoredTask | None:
-        return self._record(self._run("read", self._ttl, "", entry_id))
+        return self._record(self._run("read", self._ttl_argument, "", entry_id))
 
     def pop(self, key: str) -> StoredTask | None:
-        return self._record(self._run("pop", self._ttl, key))
+        return self._record(self._run("pop", self._ttl_argument, key))
 
     def delete(self, entry_id: Any) -> None:
         self._run("delete", entry_id)
 
     def keys(self) -> list[str]:
-        flat = self._run("keys", self._ttl)
+        flat = self._run("keys", self._ttl_argument)
         pairs = zip(flat[::2], flat[1::2])
         try:
             return [key.decode() for key, _ in sorted(pairs, key=lambda pair: int(pair[1]))]
@@ -3074,26 +3136,27 @@ class _RedisStore:
             ) from None
 
     def count(self) -> int:
-        return int(self._run("count", self._ttl))
+        return int(self._run("count", self._ttl_argument))
 
     def beat(self, owner: str, alive: bool) -> None:
         # Never deleted, only left to expire: deleting would race a claim made meanwhile.
         if alive:
-            name, now = "flask_executor:owner:" + owner, time.monotonic()
+            name = "flask_executor:owner:" + owner
             self._call(lambda: self._redis.set(name, 1, px=int(_LOST_AFTER_SECONDS * 1000)))
-            self._marked[owner] = now
 
     def after_fork(self) -> None:
         pass  # redis-py's connection pool notices a new process by its pid
 
     def _run(self, script: str, *arguments: Any) -> Any:
         # EVALSHA through execute_command: redis-py's Script object costs a tenth of a round trip more.
+        command = ("EVALSHA", _REDIS_DIGESTS[script], 1, self._prefix, *arguments)
+
         def evalsha() -> Any:
             try:
-                return self._redis.execute_command("EVALSHA", self._shas[script], 1, self._prefix, *arguments)
+                return self._redis.execute_command(*command)
             except self._no_script:  # Redis restarted, or its scripts were flushed: load it again
-                self._shas[script] = self._redis.script_load(_REDIS_SCRIPTS[script])
-                return self._redis.execute_command("EVALSHA", self._shas[script], 1, self._prefix, *arguments)
+                self._redis.script_load(_REDIS_SCRIPTS[script])
+                return self._redis.execute_command(*command)
 
         return self._call(evalsha)
 
@@ -3180,10 +3243,9 @@ local function record(id, with_outcome)
 end
 """
 _REDIS_SCRIPTS = {
-    name: _REDIS_LIBRARY + body
+    name: f"local lost_after_ms = {int(_LOST_AFTER_SECONDS * 1000)}\n" + _REDIS_LIBRARY + body
     for name, body in {
-        # ARGV: key, owner, max_length, ttl, mark ('1': mark the owner alive). Replies
-        # the new id, or {id, dropped keys...}.
+        # ARGV: key, owner, max_length, ttl. Replies the new id, or {id, dropped keys...}.
         "claim": """
 local key, owner, max_length = ARGV[1], ARGV[2], tonumber(ARGV[3])
 expire(ARGV[4])
@@ -3191,7 +3253,7 @@ local id = redis.call('INCR', prefix .. ':seq')
 if redis.call('HSETNX', prefix .. ':keys', key, id) == 0 then return false end
 redis.call('HSET', prefix .. ':e:' .. id, 'key', key, 'state', 'PENDING', 'owner', owner)
 redis.call('ZADD', prefix .. ':order', id, id)
-if ARGV[5] == '1' then redis.call('SET', 'flask_executor:owner:' .. owner, 1, 'PX', LOST_AFTER_MS) end
+redis.call('SET', 'flask_executor:owner:' .. owner, 1, 'PX', lost_after_ms)
 if max_length == 0 or redis.call('ZCARD', prefix .. ':order') <= max_length then return id end
 local reply = {id}
 while redis.call('ZCARD', prefix .. ':order') > max_length do
@@ -3205,7 +3267,7 @@ while redis.call('ZCARD', prefix .. ':order') > max_length do
     end
 end
 return reply
-""".replace("LOST_AFTER_MS", str(int(_LOST_AFTER_SECONDS * 1000))),
+""",
         # ARGV: id, owner, to_state, outcome, progress, from_states...
         "transition": """
 local id, owner, to_state, outcome, progress = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -3223,12 +3285,12 @@ if outcome ~= '' then redis.call('HSET', entry, 'outcome', outcome) end
 if progress ~= '' then redis.call('HSET', entry, 'progress', progress) end
 return 1
 """,
-        # ARGV: key
+        # ARGV: id, key ('': popped)
         "cancel": """
-local id = redis.call('HGET', prefix .. ':keys', ARGV[1])
-if not id then return 0 end
+local id = ARGV[1]
 local entry = prefix .. ':e:' .. id
-if redis.call('HGET', entry, 'state') ~= 'PENDING' then return 0 end
+local fields = redis.call('HMGET', entry, 'state', 'key')
+if fields[1] ~= 'PENDING' or fields[2] ~= ARGV[2] then return 0 end
 redis.call('HSET', entry, 'state', 'CANCELLED')
 finished(id)
 return 1
@@ -3247,7 +3309,8 @@ expire(ARGV[1])
 local id = redis.call('HGET', prefix .. ':keys', ARGV[2])
 if not id then return nil end
 local found = record(id, true)
-if found[3] == 'PENDING' or found[3] == 'RUNNING' then
+-- kept without its key: unfinished, for the popper; cancelled, until its owner has seen it
+if found[3] == 'PENDING' or found[3] == 'RUNNING' or (found[3] == 'CANCELLED' and found[5] == '') then
     redis.call('HDEL', prefix .. ':keys', ARGV[2])
     redis.call('HSET', prefix .. ':e:' .. id, 'key', '')
 else
@@ -3272,6 +3335,8 @@ return 1
 """,
     }.items()
 }
+# What EVALSHA names a script by: the SHA-1 of its text, as Redis computes it.
+_REDIS_DIGESTS = {name: hashlib.sha1(script.encode()).hexdigest() for name, script in _REDIS_SCRIPTS.items()}
 
 
 _STORE_WAIT_SECONDS = 5.0

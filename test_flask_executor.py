@@ -6312,6 +6312,21 @@ def test_redis_claim_after_the_owners_mark_expired_marks_the_owner_alive_again(r
         gate.set()
 
 
+@pytest.mark.timeout(60)
+def test_shared_store_refuses_a_key_that_is_no_text_or_whole_number_and_runs_nothing(
+    redis_or_sqlite_store, redis_executors
+):
+    _, executor = redis_executors(redis_or_sqlite_store, "bad_keys")
+    ran = []
+    with pytest.raises(TypeError, match="strings or whole numbers"):
+        executor.submit_stored(("a", 1), ran.append, "tuple")
+    with pytest.raises(ValueError, match="not valid text"):
+        executor.submit_stored("broken-\ud800", ran.append, "surrogate")
+    assert executor.futures.keys() == [] and ran == []
+    assert executor.submit_stored("fine-\u00e9", ran.append, "ok").result(REDIS_WAIT) is None
+    assert ran == ["ok"] and executor.futures.keys() == ["fine-\u00e9"]
+
+
 # ---------------------------------------------------------------------------------------------
 # A Redis outage
 
@@ -7018,6 +7033,56 @@ def test_task_cancelled_and_popped_before_a_worker_reached_it_never_runs(store_b
 
 
 @pytest.mark.timeout(90)
+def test_cancel_of_a_stored_future_read_before_its_key_was_taken_again_leaves_the_new_task_alone(
+    store_agents, store_local, store_gates
+):
+    # B reads "job"; A pops it (it keeps running) and submits "job" again, which waits for
+    # A's one worker. B's cancel() is about the task it read, which runs: the new one stays.
+    owner = store_agents(EXECUTOR_MAX_WORKERS=1)
+    _, reader = store_local()
+    first_gate, second_gate = store_gates(), store_gates()
+    owner.submit("job", "gated", first_gate, None, "first")
+    assert wait_for_condition(lambda: reader.futures.running("job"))
+    read_before = reader.futures._futures.get("job")
+    assert owner.value("pop", "job") is not None
+    owner.submit("job", "gated", second_gate, None, "second")
+    assert reader.futures._state("job") == "PENDING"
+
+    assert read_before.cancel() is False, "cancel() of a running task said True"
+    assert reader.futures.cancelled("job") is False
+    assert owner.value("cancelled", "job") is False
+    Path(first_gate).touch()
+    Path(second_gate).touch()
+    assert reader.futures.result("job", STORE_WAIT) == "second"
+
+
+@pytest.mark.timeout(60)
+def test_store_task_dropped_while_it_waited_still_runs_as_in_the_memory_store(
+    redis_or_sqlite_store, redis_executors, caplog
+):
+    # Over EXECUTOR_FUTURES_MAX_LENGTH with every entry unfinished, the oldest are dropped:
+    # only their keys are forgotten, and their tasks run, as with the in-memory store.
+    _, executor = redis_executors(
+        redis_or_sqlite_store, "dropped", EXECUTOR_FUTURES_MAX_LENGTH=2, EXECUTOR_MAX_WORKERS=1
+    )
+    gate, ran = threading.Event(), []
+
+    def task(name):
+        if name == "a":
+            gate.wait(REDIS_WAIT)
+        ran.append(name)
+        return name
+
+    with caplog.at_level(logging.WARNING):
+        futures = {name: executor.submit_stored(name, task, name) for name in "abcd"}
+    assert executor.futures.keys() == ["c", "d"]
+    assert "Stopped tracking" in caplog.text
+    gate.set()
+    assert {name: future.result(REDIS_WAIT) for name, future in futures.items()} == {n: n for n in "abcd"}
+    assert ran == ["a", "b", "c", "d"]
+
+
+@pytest.mark.timeout(90)
 def test_cancel_from_another_process_logs_no_lost_task_warning_in_the_owner(store_busy_owner):
     owner, reader, gate = store_busy_owner("w-run", "first")
     owner.submit("w-wait", "give", "never")
@@ -7284,38 +7349,62 @@ def test_store_never_hands_out_the_id_of_a_deleted_entry_again(store_local, stor
     assert later_backend.claim("s:fifth", "owner-b", 0)[0] > again
 
 
-# The insert trigger of store files made by earlier development builds: it counted and
-# dropped finished entries, and never refused an insert.
-STORE_EARLIER_TRIGGER = (
+# The layout of store files made by earlier development builds (before 2.0.0): ids from
+# AUTOINCREMENT, and an insert trigger that counted and dropped, and never refused.
+STORE_EARLIER_LAYOUT = (
+    "PRAGMA journal_mode = WAL",
+    f"PRAGMA application_id = {0x46455846}",
+    "CREATE TABLE tasks (id INTEGER PRIMARY KEY AUTOINCREMENT, namespace TEXT NOT NULL,"
+    " key TEXT, state TEXT NOT NULL, owner TEXT NOT NULL, outcome BLOB, progress BLOB, finished REAL)",
+    "CREATE UNIQUE INDEX tasks_by_key ON tasks (namespace, key)",
+    "CREATE INDEX finished_tasks ON tasks (namespace, id) WHERE finished IS NOT NULL",
+    "CREATE TABLE owners (owner TEXT PRIMARY KEY, seen REAL NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE namespaces (namespace TEXT PRIMARY KEY, tasks INTEGER NOT NULL DEFAULT 0,"
+    " max_length INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID",
     "CREATE TRIGGER inserted AFTER INSERT ON tasks BEGIN"
     " INSERT INTO namespaces (namespace, tasks) VALUES (new.namespace, 1)"
-    " ON CONFLICT (namespace) DO UPDATE SET tasks = tasks + 1; END"
+    " ON CONFLICT (namespace) DO UPDATE SET tasks = tasks + 1;"
+    " DELETE FROM tasks WHERE id IN (SELECT id FROM tasks WHERE namespace = new.namespace"
+    " AND finished IS NOT NULL ORDER BY id LIMIT coalesce((SELECT max(0, tasks - max_length)"
+    " FROM namespaces WHERE namespace = new.namespace AND max_length > 0), 0)); END",
+    "CREATE TRIGGER deleted AFTER DELETE ON tasks BEGIN"
+    " UPDATE namespaces SET tasks = tasks - 1 WHERE namespace = old.namespace; END",
 )
 
 
 @pytest.mark.timeout(60)
-def test_store_file_of_an_earlier_build_gets_the_new_insert_trigger_and_counts_each_entry_once(
-    store_local, store_path, store_gates
+def test_store_file_of_an_earlier_build_is_taken_over_counting_each_entry_once_and_reusing_no_id(
+    store_local, store_path
 ):
-    store_local()  # makes the file
     db = sqlite3.connect(store_path, isolation_level=None)
-    db.execute("DROP TRIGGER bounded")
-    db.execute(STORE_EARLIER_TRIGGER)
+    for statement in STORE_EARLIER_LAYOUT:
+        db.execute(statement)
+    insert = (
+        "INSERT INTO tasks (namespace, key, state, owner, finished)"
+        " VALUES ('EXECUTOR_', ?, 'FINISHED', 'x', 1)"
+    )
+    for key in ("s:e-old-1", "s:e-old-2", "s:e-old-3"):
+        db.execute(insert, (key,))
+    db.execute("DELETE FROM tasks WHERE key = 's:e-old-3'")  # the newest: id 3 must never come back
     db.close()
+    store_path.chmod(0o600)
+
     _, executor = store_local(EXECUTOR_FUTURES_MAX_LENGTH=3)
     db = sqlite3.connect(store_path)
     triggers = sorted(name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'"))
-    db.close()
     assert triggers == ["bounded", "deleted"]
     gate = threading.Event()
     try:
         for key in ("e-1", "e-2", "e-3", "e-4"):
             executor.submit_stored(key, gate.wait, STORE_WAIT)
-        # counted once each: the fourth, over the limit of 3, dropped only the oldest
+        ids = dict(db.execute("SELECT key, id FROM tasks WHERE key LIKE 's:e-_'").fetchall())
+        # counted once each: finished entries went first, then only the oldest unfinished one
         assert executor.futures.keys() == ["e-2", "e-3", "e-4"]
         assert len(executor.futures) == 3
+        assert min(ids.values()) > 3, ids
     finally:
         gate.set()
+        db.close()
 
 
 @pytest.mark.timeout(90)
@@ -7890,6 +7979,65 @@ def test_store_group_whose_committing_thread_cannot_open_the_file_fails_every_wr
     )
     assert all(kind == "error" and isinstance(error, StoreError) for kind, error in outcomes), outcomes
     assert all("unable to open" in str(error) for _, error in outcomes), outcomes
+
+
+@pytest.mark.timeout(60)
+def test_store_write_whose_parameters_cannot_be_encoded_fails_alone_in_its_group(store_local):
+    # Below the public API's key check: a str that is not valid text fails in the driver,
+    # before SQLite sees it; the other writes of the group must not pay for it.
+    _, executor = store_local()
+    backend = executor.futures._store.backend
+    backend.beat("owner-a", alive=True)
+    assert backend.claim("s:first", "owner-a", 0) is not None
+    calls = [lambda i=i: backend.claim(f"s:fine-{i}", "owner-a", 0) for i in range(3)]
+    calls.insert(1, lambda: backend.claim("s:broken-\ud800", "owner-a", 0))
+    outcomes = store_queue_behind_held_lock(backend, calls)
+    kind, error = outcomes[1]
+    assert kind == "error" and isinstance(error, StoreError) and "UnicodeEncodeError" in str(error), outcomes
+    assert all(kind == "ok" and claimed is not None for kind, claimed in outcomes[:1] + outcomes[2:]), (
+        outcomes
+    )
+    assert sorted(executor.futures.keys()) == ["fine-0", "fine-1", "fine-2", "first"]
+
+
+@pytest.mark.timeout(60)
+def test_store_write_interrupted_while_it_waited_for_the_lock_never_runs_later(store_local):
+    # A signal's exception (a worker's timeout, Ctrl-C) in a thread that waits to write:
+    # its caller saw it fail, so the next thread to commit must not run it.
+    _, executor = store_local()
+    backend = executor.futures._store.backend
+    backend.beat("owner-a", alive=True)
+    assert backend.claim("s:first", "owner-a", 0) is not None
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with backend._write_lock:
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(signum, frame):
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(Interrupted):
+            backend.claim("s:interrupted", "owner-a", 0)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        release.set()
+        holder.join(10)
+    assert backend._queued == []
+    assert backend.claim("s:after", "owner-a", 0) is not None
+    assert executor.futures.keys() == ["first", "after"]
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3.Connection.setlimit() is Python 3.11+")
@@ -9770,10 +9918,10 @@ class DictStore:
                 entry["progress"] = progress
             return True
 
-    def cancel(self, key):
+    def cancel(self, key, entry_id):
         with self.lock:
-            entry = self.entries.get(self.by_key.get(key))
-            if entry is None or entry["state"] != "PENDING":
+            entry = self.entries.get(entry_id)
+            if entry is None or entry["state"] != "PENDING" or entry["key"] != key:
                 return False
             entry["state"] = "CANCELLED"
             return True
@@ -9794,10 +9942,11 @@ class DictStore:
             if entry_id is None:
                 return None
             entry = self.entries[entry_id]
-            if entry["state"] in ("FINISHED", "CANCELLED"):
-                del self.entries[entry_id]
+            unseen_cancel = entry["state"] == "CANCELLED" and entry.get("outcome") is None
+            if entry["state"] in ("PENDING", "RUNNING") or unseen_cancel:
+                entry["key"] = None  # for the popper, or for the owner to see the cancel
             else:
-                entry["key"] = None
+                del self.entries[entry_id]
             return self._task(entry)
 
     def delete(self, entry_id):
