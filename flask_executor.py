@@ -744,15 +744,18 @@ class StoredTask(NamedTuple):
 
     #: The store's own id of the entry, which it never reuses.
     id: Any
-    #: The key, as the store keeps it (a string); ``None`` once popped while unfinished.
+    #: The key, as the store keeps it (a string); ``None`` once popped and kept (see
+    #: :meth:`FuturesStore.pop`).
     key: str | None
     #: ``"PENDING"``, ``"RUNNING"``, ``"FINISHED"`` or ``"CANCELLED"``.
     state: str
     #: The process that accepted the task (a random token, new in each process).
     owner: str
-    #: Whether that process has shown signs of life within the last few seconds.
+    #: Whether that process has shown signs of life within the last few seconds; asked
+    #: only of unfinished tasks (a store may answer ``False`` for the others).
     owner_alive: bool
-    #: The signed, pickled result or exception, once finished.
+    #: The signed, pickled result or exception, once finished (or cancelled, written by
+    #: the owner when it saw the cancel).
     outcome: bytes | None
     #: The signed, pickled last :class:`Progress`.
     progress: bytes | None
@@ -2836,7 +2839,10 @@ class _SQLiteStore:
             in_use = db.execute("SELECT 1 FROM tasks WHERE namespace = ? AND key = ?", (namespace, key))
             if in_use.fetchone() is None:
                 dropped = self._make_room(db, max_length - 1) if max_length else []
-                claimed = db.execute(_SQLITE_INSERT, (namespace, key, owner)).lastrowid, dropped
+                cursor = db.execute(_SQLITE_INSERT, (namespace, key, owner))
+                if cursor.rowcount != 1:  # its id was taken: a process of an earlier build writes here
+                    raise StoreError(f"the store {self._path} ({self._key}) could not insert {key!r}")
+                claimed = cursor.lastrowid, dropped
         self._recorded_limit = max_length  # committed
         return claimed
 
