@@ -7918,6 +7918,17 @@ def store_queue_behind_held_lock(backend, calls, while_held=lambda: None):
     return outcomes
 
 
+@pytest.fixture
+def store_backend(store_local):
+    """(executor, its SQLite backend), after owner "owner-a" beat and claimed "first": the
+    first claim of a store object records max_length, in a transaction of its own."""
+    _, executor = store_local()
+    backend = executor.futures._store.backend
+    backend.beat("owner-a", alive=True)
+    assert backend.claim("s:first", "owner-a", 0) is not None
+    return executor, backend
+
+
 @pytest.mark.timeout(60)
 def test_store_commits_the_writes_that_waited_for_the_write_lock_in_one_transaction(store_local, store_path):
     _, executor = store_local()
@@ -7947,11 +7958,8 @@ def test_store_commits_the_writes_that_waited_for_the_write_lock_in_one_transact
 
 
 @pytest.mark.timeout(60)
-def test_store_claims_of_one_key_queued_together_are_won_by_exactly_one(store_local):
-    _, executor = store_local()
-    backend = executor.futures._store.backend
-    backend.beat("owner-a", alive=True)
-    assert backend.claim("s:first", "owner-a", 0) is not None  # its first claim records max_length
+def test_store_claims_of_one_key_queued_together_are_won_by_exactly_one(store_backend):
+    executor, backend = store_backend
     outcomes = store_queue_behind_held_lock(backend, [lambda: backend.claim("s:contested", "owner-a", 0)] * 6)
     winners = [claimed for kind, claimed in outcomes if kind == "ok" and claimed is not None]
     assert len(winners) == 1, outcomes
@@ -7982,13 +7990,10 @@ def test_store_group_whose_committing_thread_cannot_open_the_file_fails_every_wr
 
 
 @pytest.mark.timeout(60)
-def test_store_write_whose_parameters_cannot_be_encoded_fails_alone_in_its_group(store_local):
+def test_store_write_whose_parameters_cannot_be_encoded_fails_alone_in_its_group(store_backend):
     # Below the public API's key check: a str that is not valid text fails in the driver,
     # before SQLite sees it; the other writes of the group must not pay for it.
-    _, executor = store_local()
-    backend = executor.futures._store.backend
-    backend.beat("owner-a", alive=True)
-    assert backend.claim("s:first", "owner-a", 0) is not None
+    executor, backend = store_backend
     calls = [lambda i=i: backend.claim(f"s:fine-{i}", "owner-a", 0) for i in range(3)]
     calls.insert(1, lambda: backend.claim("s:broken-\ud800", "owner-a", 0))
     outcomes = store_queue_behind_held_lock(backend, calls)
@@ -8001,13 +8006,10 @@ def test_store_write_whose_parameters_cannot_be_encoded_fails_alone_in_its_group
 
 
 @pytest.mark.timeout(60)
-def test_store_write_interrupted_while_it_waited_for_the_lock_never_runs_later(store_local):
+def test_store_write_interrupted_while_it_waited_for_the_lock_never_runs_later(store_backend):
     # A signal's exception (a worker's timeout, Ctrl-C) in a thread that waits to write:
     # its caller saw it fail, so the next thread to commit must not run it.
-    _, executor = store_local()
-    backend = executor.futures._store.backend
-    backend.beat("owner-a", alive=True)
-    assert backend.claim("s:first", "owner-a", 0) is not None
+    executor, backend = store_backend
     held, release = threading.Event(), threading.Event()
 
     def hold():
