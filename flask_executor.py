@@ -2208,7 +2208,7 @@ class _SharedStore:
             return _StoredFuture(self, record, popped=True)
         if record.state == "CANCELLED":  # by another process, maybe before this one's worker saw it
             local.cancel()
-        if _kept_when_popped(record):  # for a reader elsewhere, or this process: it is this one
+        if _kept_when_popped(record):  # kept for its popper, or its owner: both are this process
             self.backend.delete(record.id)
         return local
 

@@ -7033,6 +7033,28 @@ def test_task_cancelled_and_popped_before_a_worker_reached_it_never_runs(store_b
 
 
 @pytest.mark.timeout(90)
+def test_task_cancelled_elsewhere_then_popped_by_its_owner_before_a_worker_reached_it_never_runs(
+    store_busy_owner, tmp_path
+):
+    owner, reader, gate = store_busy_owner("o-run", "first")
+    ran = tmp_path / "cancelled-task-popped-by-its-owner-ran"
+    owner.submit("o-wait", "mark", str(ran), "never")
+    owner.submit("o-after", "give", "after")
+    futures = reader.futures
+    assert wait_for_condition(lambda: futures.running("o-run"))
+    assert futures.cancel("o-wait") is True
+    assert owner.value("pop", "o-wait") is not None
+    Path(gate).touch()
+    assert futures.result("o-after", STORE_WAIT) == "after"
+    assert not ran.exists(), "a task cancelled elsewhere, then popped by its owner, ran"
+    db = sqlite3.connect(reader.futures._store.backend._path)
+    try:  # the owner deleted the entry it kept no longer
+        assert db.execute("SELECT count(*) FROM tasks WHERE key IS NULL").fetchone()[0] == 0
+    finally:
+        db.close()
+
+
+@pytest.mark.timeout(90)
 def test_cancel_of_a_stored_future_read_before_its_key_was_taken_again_leaves_the_new_task_alone(
     store_agents, store_local, store_gates
 ):
