@@ -2144,6 +2144,10 @@ class _SharedStore:
         self.logger = logger
         # Futures of the tasks this process accepted, by entry id, oldest first.
         self._local: dict[Any, concurrent.futures.Future[Any]] = {}
+        # Entries of other processes' tasks that this one popped, by id, the latest few: a
+        # future got by key before the pop reads its outcome here once the store deleted it
+        # (1.0's get, pop, then result(), as Flask-Shell2HTTP does).
+        self._popped: dict[Any, StoredTask] = {}
         self._unfinished = 0
         self._lock = threading.Lock()
         self._heartbeat: threading.Thread | None = None
@@ -2205,6 +2209,10 @@ class _SharedStore:
         with self._lock:
             local = self._local.pop(record.id, None)
         if local is None:
+            with self._lock:
+                self._popped[record.id] = record
+                while len(self._popped) > _POPPED_REMEMBERED:
+                    del self._popped[next(iter(self._popped))]
             return _StoredFuture(self, record, popped=True)
         if record.state == "CANCELLED":  # by another process, maybe before this one's worker saw it
             local.cancel()
@@ -2237,6 +2245,7 @@ class _SharedStore:
     def after_fork(self) -> None:
         # The parent's tasks do not run here, and its heartbeat thread is gone.
         self._local = {}
+        self._popped = {}
         self._unfinished = 0
         self._lock = threading.Lock()
         self._heartbeat = None
@@ -2251,6 +2260,10 @@ class _SharedStore:
 
     def local_future(self, entry_id: Any) -> concurrent.futures.Future[Any] | None:
         return self._local.get(entry_id)
+
+    def popped_here(self, entry_id: Any) -> StoredTask | None:
+        """The entry as this process popped it, if it did so lately."""
+        return self._popped.get(entry_id)
 
     def finished_one(self) -> None:
         with self._lock:
@@ -2276,6 +2289,7 @@ class _SharedStore:
 
 
 _HEARTBEAT_SECONDS = 1.0
+_POPPED_REMEMBERED = 256
 # A process whose heartbeat is older than this is taken for dead, its tasks for lost.
 _LOST_AFTER_SECONDS = 5.0
 _UNFINISHED = ("PENDING", "RUNNING")
@@ -2458,9 +2472,13 @@ class _StoredFuture:
             self._fresh = False
         elif self._record.state in _UNFINISHED:
             record = self._store.backend.read_entry(self._record.id)
-            if record is None:  # gone: for this reader the task is over, its outcome unknown
-                self._dropped = True
-                record = self._record._replace(state="FINISHED", outcome=None)
+            if record is None:
+                popped = self._store.popped_here(self._record.id)
+                if popped is not None and popped.state not in _UNFINISHED:
+                    record = popped  # popped here when finished, and deleted: this process has it
+                else:  # gone: for this reader the task is over, its outcome unknown
+                    self._dropped = True
+                    record = self._record._replace(state="FINISHED", outcome=None)
             self._record = record
         record = self._record
         if record.state in _UNFINISHED and not record.owner_alive and record.owner != _this_process.token:
@@ -2506,8 +2524,9 @@ class _StoredFuture:
             if record.outcome is None:  # read by key, which may leave the outcome out
                 record = self._store.backend.read_entry(record.id) or record
             outcome = self._store.signer.loads("outcome", cast(bytes, record.outcome), self)
-        if self._popped and record.key is None and not _kept_when_popped(record):
-            self._store.backend.delete(record.id)  # detached for this reader, who has it now
+        popped = self._popped or self._store.popped_here(record.id) is not None
+        if popped and record.key is None and not _kept_when_popped(record):
+            self._store.backend.delete(record.id)  # kept for this process, which has it now
         if outcome[0] == "unpicklable":
             raise StoreError(
                 f"the outcome of task {self.key!r} could not be stored ({outcome[1]}): only the process"

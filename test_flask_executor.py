@@ -7033,6 +7033,23 @@ def test_task_cancelled_and_popped_before_a_worker_reached_it_never_runs(store_b
 
 
 @pytest.mark.timeout(90)
+def test_future_got_by_key_then_popped_here_after_it_finished_still_gives_its_result(
+    store_busy_owner,
+):
+    # 1.0's recipe, Flask-Shell2HTTP's report: future = futures._futures.get(key), then
+    # futures.pop(key), then future.result(). When the task finishes between the get and the
+    # pop, the pop deletes the entry; the future got first must still read the result.
+    owner, reader, gate = store_busy_owner("g-run", {"report": "done"})
+    assert wait_for_condition(lambda: reader.futures.running("g-run"))
+    got = reader.futures._futures.get("g-run")
+    Path(gate).touch()
+    assert wait_for_condition(lambda: owner.value("done", "g-run"))
+    assert reader.futures.pop("g-run") is not None
+    assert got.result(STORE_WAIT) == {"report": "done"}
+    assert "g-run" not in reader.futures
+
+
+@pytest.mark.timeout(90)
 def test_task_cancelled_elsewhere_then_popped_by_its_owner_before_a_worker_reached_it_never_runs(
     store_busy_owner, tmp_path
 ):
