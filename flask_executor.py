@@ -3093,8 +3093,9 @@ class _SQLiteStore:
 class _RedisStore:
     """``EXECUTOR_FUTURES_STORE = "redis://host:port/db"`` (or ``rediss://``, with a
     password in the URL if need be): Redis, which every process of every machine
-    that names it shares. Each operation is one Lua script, so it is atomic and
-    costs one round trip. A process shows it is alive with a key that expires."""
+    that names it shares. Each change is one Lua script, so it is atomic and costs
+    one round trip; so is a read, which is one plain command when it can be. A
+    process shows it is alive with a key that expires."""
 
     def __init__(self, url: str, namespace: str, key: str, ttl: float | None) -> None:
         try:  # here: only apps that configure a Redis store need it
@@ -3103,12 +3104,30 @@ class _RedisStore:
             raise ValueError(f"{key}={_without_password(url)!r} needs redis-py: pip install redis") from None
         self._prefix = f"flask_executor:{namespace}"
         self._ttl_argument = repr(float(ttl or 0))  # of most scripts, encoded once
+        self._swept_at_reads = bool(ttl)
+        # A status query reads its entry with one plain command when it can: a script
+        # costs the server ten times what a plain command does. For that the store
+        # remembers the entry id under each key it read lately (checked at every read:
+        # an entry names its key while it holds it), and until when each owner's mark
+        # is sure to exist (the owner of an unfinished task is alive while it does).
+        self._ids: dict[str, Any] = {}
+        self._alive_until: dict[bytes, float] = {}  # by owner, on time.monotonic()
         self._error = redis.RedisError
+        self._reply_error = redis.ResponseError
+        self._connection_error = redis.ConnectionError
         self._no_script = redis.exceptions.NoScriptError
+        # The store sends its commands on connections of its own, not through redis-py's
+        # client: the client's pool (a lock, a poll of the socket, retries, metrics) costs
+        # 30 to 40 µs per command in redis-py 8, a quarter of a round trip on loopback,
+        # and every claim and status query would pay it.
+        self._idle: list[Any] = []  # connections in step with the server, the latest last
+        self._pid = os.getpid()
         try:
-            self._redis = redis.Redis.from_url(url, socket_timeout=_STORE_WAIT_SECONDS)
+            # redis-py's pool of the URL's settings (TLS, password, database), used only to
+            # make connections.
+            self._pool = redis.ConnectionPool.from_url(url, socket_timeout=_STORE_WAIT_SECONDS)
             for script in _REDIS_SCRIPTS.values():  # compiled by the server now, not at the first call
-                self._redis.script_load(script)
+                self._send(("SCRIPT", "LOAD", script))
         except (redis.RedisError, ValueError) as error:
             raise ValueError(f"{key}={_without_password(url)!r} cannot be used: {error}") from error
 
@@ -3139,13 +3158,28 @@ class _RedisStore:
         return bool(self._run("cancel", entry_id, key or ""))
 
     def read(self, key: str) -> StoredTask | None:
-        return self._record(self._run("read", self._ttl_argument, key, ""))
+        entry_id = self._ids.get(key)
+        if entry_id is not None and not self._swept_at_reads:  # with a TTL, reads sweep: scripts
+            record = self._read_plainly(key, entry_id)
+            if record is not None:
+                return record
+        asked = time.monotonic()
+        record = self._record(self._run("read", self._ttl_argument, key, ""), asked)
+        if record is not None:
+            if len(self._ids) >= _REDIS_REMEMBERED:
+                self._ids.clear()  # the next read of each key asks the script again
+            self._ids[key] = record.id
+        return record
 
     def read_entry(self, entry_id: Any) -> StoredTask | None:
-        return self._record(self._run("read", self._ttl_argument, "", entry_id))
+        asked = time.monotonic()
+        return self._record(self._run("read", self._ttl_argument, "", entry_id), asked)
 
     def pop(self, key: str) -> StoredTask | None:
-        return self._record(self._run("pop", self._ttl_argument, key))
+        asked = time.monotonic()
+        record = self._record(self._run("pop", self._ttl_argument, key), asked)
+        self._ids.pop(key, None)
+        return record
 
     def delete(self, entry_id: Any) -> None:
         self._run("delete", entry_id)
@@ -3166,35 +3200,83 @@ class _RedisStore:
     def beat(self, owner: str, alive: bool) -> None:
         # Never deleted, only left to expire: deleting would race a claim made meanwhile.
         if alive:
-            name = "flask_executor:owner:" + owner
-            self._call(lambda: self._redis.set(name, 1, px=int(_LOST_AFTER_SECONDS * 1000)))
+            self._call(("SET", "flask_executor:owner:" + owner, 1, "PX", int(_LOST_AFTER_SECONDS * 1000)))
 
     def after_fork(self) -> None:
-        pass  # redis-py's connection pool notices a new process by its pid
+        # A connection must not cross a fork: the parent's are left open and alone
+        # (closing one could cut the parent's command short), and new ones made.
+        _inherited.append(self._idle)
+        self._idle = []
+        self._pid = os.getpid()
 
     def _run(self, script: str, *arguments: Any) -> Any:
-        # EVALSHA through execute_command: redis-py's Script object costs a tenth of a round trip more.
         command = ("EVALSHA", _REDIS_DIGESTS[script], 1, self._prefix, *arguments)
-
-        def evalsha() -> Any:
-            try:
-                return self._redis.execute_command(*command)
-            except self._no_script:  # Redis restarted, or its scripts were flushed: load it again
-                self._redis.script_load(_REDIS_SCRIPTS[script])
-                return self._redis.execute_command(*command)
-
-        return self._call(evalsha)
-
-    def _call(self, operation: Callable[[], T]) -> T:
         try:
-            return operation()
+            try:
+                return self._send(command)
+            except self._no_script:  # Redis restarted, or its scripts were flushed: load it again
+                self._send(("SCRIPT", "LOAD", _REDIS_SCRIPTS[script]))
+                return self._send(command)
         except self._error as error:
             raise StoreError(f"the Redis store failed: {error}") from error
 
-    def _record(self, fields: list[Any] | None) -> StoredTask | None:
+    def _call(self, command: tuple[Any, ...]) -> Any:
+        try:
+            return self._send(command)
+        except self._error as error:
+            raise StoreError(f"the Redis store failed: {error}") from error
+
+    def _send(self, command: tuple[Any, ...]) -> Any:
+        """Sends one command and reads its reply, on an idle connection or a new one."""
+        if self._pid != os.getpid():  # a fork that bypassed Python's hook (uWSGI forks in C)
+            _this_process.start_over()
+            if self._pid != os.getpid():  # a store that no live executor holds
+                self.after_fork()
+        try:
+            connection = self._idle.pop()  # atomic: a connection serves one thread at a time
+        except IndexError:
+            connection = self._pool.make_connection()
+        else:
+            # Something to read before anything was sent: the server closed the connection
+            # (it restarted, or something between timed the connection out). Found now, it
+            # costs a reconnection; found after sending, the command's fate is unknown, and
+            # a command is never sent twice: a claim or a pop must not run twice.
+            try:
+                stale = connection.can_read()
+            except self._connection_error:
+                stale = True
+            if stale:
+                connection.disconnect()  # and send_command connects again
+        try:
+            connection.send_command(*command)
+            reply = connection.read_response()
+        except self._reply_error:  # an error reply, read whole: the connection is still in step
+            self._idle.append(connection)
+            raise
+        except BaseException:  # a lost connection, a timeout or an interrupt: out of step
+            connection.disconnect()
+            raise
+        self._idle.append(connection)
+        return reply
+
+    def _read_plainly(self, key: str, entry_id: Any) -> StoredTask | None:
+        """The entry ``entry_id`` read with one plain command, if it still holds ``key``
+        and needs no question about its owner; else None, and the script is asked."""
+        entry = f"{self._prefix}:e:{entry_id}"
+        bound, state, owner, progress = self._call(("HMGET", entry, "key", "state", "owner", "progress"))
+        if bound != key.encode():  # popped or dropped since: the key may name another task now
+            return None
+        if state not in (b"FINISHED", b"CANCELLED") and self._alive_until.get(owner, 0.0) <= time.monotonic():
+            return None  # unfinished, and its owner's mark may be gone
+        return self._record([entry_id, bound, state, owner, b"", progress or b"", -1])
+
+    def _record(self, fields: list[Any] | None, asked: float | None = None) -> StoredTask | None:
+        """The entry a script (sent at ``asked``) or a plain read replied with. Its last
+        field is how many more milliseconds the owner's mark lasts: -1 for no end, or
+        alive as far as this store knows; 0 for gone, or not asked (a finished task)."""
         if not fields:
             return None
-        entry_id, key, state, owner, outcome, progress, alive = fields
+        entry_id, key, state, owner, outcome, progress, mark_lasts_ms = fields
         if (
             key is None
             or owner is None
@@ -3204,12 +3286,16 @@ class _RedisStore:
                 f"entry {entry_id.decode()} of the Redis store ({self._prefix}) was not written by"
                 " Flask-Executor (it lacks fields, or has an unknown state): something else writes there"
             )
+        if asked is not None and mark_lasts_ms > 0:
+            if len(self._alive_until) >= _REDIS_REMEMBERED:
+                self._alive_until.clear()
+            self._alive_until[owner] = asked + mark_lasts_ms / 1000
         return StoredTask(
             int(entry_id),
             key.decode() or None,
             state.decode(),
             owner.decode(),
-            bool(alive),
+            mark_lasts_ms != 0,
             outcome or None,
             progress or None,
         )
@@ -3258,9 +3344,10 @@ local function record(id, with_outcome)
     local entry = prefix .. ':e:' .. id
     local fields = redis.call('HMGET', entry, 'key', 'state', 'owner', 'progress')
     if not fields[2] then return nil end
-    local alive = 0  -- asked only about unfinished tasks, the ones that can be lost
+    local alive = 0  -- ms the owner's mark lasts, asked only of unfinished tasks, the ones that can be lost
     if fields[3] and (fields[2] == 'PENDING' or fields[2] == 'RUNNING') then
-        alive = redis.call('EXISTS', 'flask_executor:owner:' .. fields[3])
+        alive = redis.call('PTTL', 'flask_executor:owner:' .. fields[3])
+        if alive == -2 then alive = 0 end  -- no mark; -1 would be a mark without an end
     end
     local outcome = ''
     if with_outcome then outcome = redis.call('HGET', entry, 'outcome') or '' end
@@ -3365,6 +3452,7 @@ _REDIS_DIGESTS = {name: hashlib.sha1(script.encode()).hexdigest() for name, scri
 
 
 _STORE_WAIT_SECONDS = 5.0
+_REDIS_REMEMBERED = 4096  # keys' entry ids, and owners' marks, that a Redis store keeps in mind
 _WAL_LIMIT = 4 * 1024 * 1024
 # The id is the last one handed out plus one (NULL, SQLite's choice, in a new file).
 _SQLITE_INSERT = (

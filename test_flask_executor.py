@@ -6280,6 +6280,75 @@ def test_redis_ttl_removes_finished_entries_for_every_process_and_keeps_unfinish
 
 
 @pytest.mark.timeout(60)
+def test_shared_store_finished_entry_past_its_ttl_reads_as_gone_to_a_process_that_read_it_before(
+    redis_or_sqlite_store, redis_executors
+):
+    # The first thing after the TTL is a read by a process that read the key before (and
+    # so may know its entry): no sweep by another operation came first.
+    ttl = 1.0
+    _, a = redis_executors(redis_or_sqlite_store, "ttl_read_a", EXECUTOR_FUTURES_TTL=ttl)
+    _, b = redis_executors(redis_or_sqlite_store, "ttl_read_b", EXECUTOR_FUTURES_TTL=ttl)
+    assert redis_finished(a, "old", a.submit_stored("old", redis_add, 1, 2)) == 3
+    finished = time.monotonic()
+    assert b.futures.done("old") is True
+    time.sleep(max(0.0, 2 * ttl - (time.monotonic() - finished)))
+    assert b.futures.done("old") is None
+    assert a.futures.done("old") is None
+
+
+@pytest.mark.timeout(60)
+def test_redis_reader_of_a_key_popped_and_taken_again_reads_the_new_task_not_the_one_it_read(
+    redis_url, redis_executors, redis_gates
+):
+    # c reads "k" while its first task runs on a; b pops "k" (the running entry stays,
+    # without its key, for b) and a takes "k" again for a task that finishes at once.
+    _, a = redis_executors(redis_url, "retaken_a")
+    _, b = redis_executors(redis_url, "retaken_b")
+    _, c = redis_executors(redis_url, "retaken_c")
+    gate = redis_gates()
+    first = a.submit_stored("k", redis_hold, gate, "first")
+    assert wait_for_condition(lambda: c.futures.running("k"), timeout=REDIS_WAIT)
+    popped = b.futures.pop("k")
+    assert popped.running()
+    assert redis_finished(a, "k", a.submit_stored("k", redis_add, 1, 2)) == 3
+    assert c.futures.running("k") is False
+    assert c.futures.done("k") is True
+    assert c.futures.result("k") == 3
+    gate.set()
+    assert first.result(timeout=REDIS_WAIT) == "first"
+    assert popped.result(timeout=REDIS_WAIT) == "first"
+    assert c.futures.result("k") == 3
+
+
+@pytest.mark.timeout(60)
+def test_redis_repeated_status_queries_are_plain_reads_once_the_key_was_read(
+    redis_url, redis_executors, redis_gates
+):
+    # A script costs Redis ten times what a plain read does. Once a process has read a
+    # key, its status queries read the entry with one HMGET, for a finished task, and for
+    # an unfinished one while its owner's mark lasts.
+    _, a = redis_executors(redis_url, "plain_a")
+    _, b = redis_executors(redis_url, "plain_b")
+    gate = redis_gates()
+    assert redis_finished(a, "done", a.submit_stored("done", redis_add, 1, 2)) == 3
+    a.submit_stored("running", redis_hold, gate, "running")
+    assert wait_for_condition(lambda: b.futures.running("running"), timeout=REDIS_WAIT)
+    assert b.futures.done("done") is True
+    client = redis_client(redis_url)
+
+    def calls(command):
+        return client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0)
+
+    scripts, reads = calls("evalsha"), calls("hmget")
+    for _ in range(10):
+        assert b.futures.done("done") is True
+        assert b.futures.running("running") is True
+    assert calls("evalsha") == scripts
+    assert calls("hmget") == reads + 20
+    gate.set()
+
+
+@pytest.mark.timeout(60)
 def test_redis_store_loads_its_scripts_again_after_redis_forgot_them(redis_url, redis_executors):
     # SCRIPT FLUSH, as a restart of Redis or another client can do: every operation is a
     # script called by its digest, which Redis then no longer knows.
@@ -6325,6 +6394,107 @@ def test_shared_store_refuses_a_key_that_is_no_text_or_whole_number_and_runs_not
     assert executor.futures.keys() == [] and ran == []
     assert executor.submit_stored("fine-\u00e9", ran.append, "ok").result(REDIS_WAIT) is None
     assert ran == ["ok"] and executor.futures.keys() == ["fine-\u00e9"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The store's own connections to Redis
+
+
+@pytest.mark.timeout(60)
+def test_redis_store_works_at_once_after_the_server_restarted_under_its_idle_connections(
+    redis_servers, redis_executors
+):
+    # The store keeps its connections open between commands. A restart of Redis closes
+    # them all; the first command after it must go out on a new connection, not fail.
+    server = redis_servers()
+    _, executor = redis_executors(server.url(), "restarted")
+    assert redis_finished(executor, "before", executor.submit_stored("before", redis_add, 1, 2)) == 3
+    server.stop()
+    server.restart()  # empty: nothing is persisted
+    assert executor.futures.done("before") is None
+    assert redis_finished(executor, "after", executor.submit_stored("after", redis_add, 2, 2)) == 4
+    assert executor.futures.keys() == ["after"]
+
+
+@pytest.mark.timeout(60)
+def test_redis_command_that_timed_out_leaves_no_late_reply_for_the_next_command(
+    redis_url, redis_executors, monkeypatch
+):
+    # A reply that comes after its command timed out must never be read as the reply of a
+    # later command: here, "missing" times out, and a late "no such key" would make
+    # "present" read as absent.
+    monkeypatch.setattr(flask_executor, "_STORE_WAIT_SECONDS", 0.5)
+    _, executor = redis_executors(redis_url, "late_reply")
+    assert redis_finished(executor, "present", executor.submit_stored("present", redis_add, 1, 1)) == 2
+    redis_client(redis_url).execute_command("CLIENT", "PAUSE", 1500, "ALL")
+    started = time.monotonic()
+    with pytest.raises(flask_executor.StoreError, match="Timeout"):
+        executor.futures.done("missing")
+    assert time.monotonic() - started < 1.4, "the command waited for the pause to end"
+    time.sleep(max(0.0, started + 2.0 - time.monotonic()))  # the pause is over: the late reply came
+    assert executor.futures.done("present") is True
+    assert executor.futures.done("missing") is None
+
+
+REDIS_FORK_SCRIPT = """
+import ctypes
+import os
+import sys
+
+sys.path.insert(0, sys.argv[1])
+from flask import Flask
+
+from flask_executor import Executor
+
+app = Flask("redis_fork")
+app.config.update(SECRET_KEY="s", EXECUTOR_FUTURES_STORE=sys.argv[2], EXECUTOR_MAX_WORKERS=2)
+executor = Executor(app)
+assert executor.submit_stored("before", int, "7").result(timeout=10) == 7
+while not executor.futures.done("before"):  # the worker's last write is made: its connection idle
+    pass
+# Python's fork runs the fork hooks; a fork made in C (as uWSGI makes its workers) does not.
+fork = os.fork if sys.argv[3] == "python" else ctypes.PyDLL(None).fork
+pid = fork()
+side = "child" if pid == 0 else "parent"
+try:
+    # Both processes talk to Redis at once: on one shared socket, replies would cross.
+    # Reads first: in a process forked in C, nothing else has noticed the fork before them.
+    for _ in range(300):
+        assert executor.futures.done("before") is True
+        assert executor.futures.done(f"{side}-none") is None
+    for number in range(100):
+        key = f"{side}-{number}"
+        future = executor.submit_stored(key, int, str(number))
+        assert future.result(timeout=10) == number
+        assert executor.futures.done("before") is True
+        assert executor.futures.done(f"{side}-none") is None
+        assert executor.futures.pop(key).result() == number
+    outcome = "ok"
+except BaseException as error:
+    outcome = repr(error)
+if pid == 0:
+    print("child", outcome, flush=True)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("parent", outcome, flush=True)
+print("keys", executor.futures.keys(), flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fork", ["python", "c"])
+def test_redis_store_used_before_a_fork_gives_each_process_its_own_replies(redis_url, tmp_path, fork):
+    script = tmp_path / "redis_fork.py"
+    script.write_text(REDIS_FORK_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, str(script), REDIS_MODULE_DIR, redis_url, fork],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+    assert sorted(result.stdout.splitlines()) == ["child ok", "keys ['before']", "parent ok"], (
+        result.stdout + result.stderr
+    )
 
 
 # ---------------------------------------------------------------------------------------------
