@@ -3249,15 +3249,14 @@ class _RedisStore:
                 connection.disconnect()  # and send_command connects again
         try:
             connection.send_command(*command)
-            reply = connection.read_response()
-        except self._reply_error:  # an error reply, read whole: the connection is still in step
+            return connection.read_response()
+        except self._reply_error:  # an error reply, read whole: the connection is in step
+            raise
+        except BaseException:  # a lost connection, a timeout, an interrupt: a reply may still come
+            connection.disconnect()  # and the next command on it connects again
+            raise
+        finally:
             self._idle.append(connection)
-            raise
-        except BaseException:  # a lost connection, a timeout or an interrupt: out of step
-            connection.disconnect()
-            raise
-        self._idle.append(connection)
-        return reply
 
     def _read_plainly(self, key: str, entry_id: Any) -> StoredTask | None:
         """The entry ``entry_id`` read with one plain command, if it still holds ``key``

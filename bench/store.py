@@ -25,7 +25,9 @@ to a private temporary directory.  Benchmarks, each one pyperf benchmark in one 
   ``executor.futures.done(key)`` (tasks finished); RQ ``Job.fetch(id).is_finished`` and
   ``Job(id).get_status()``; Celery ``AsyncResult(id).state``; Huey ``result(id, preserve=True)``
   (jobs queued).  ``query.memory`` is the in-process store asked in its own process (reference).
-- ``redis.ping``: one bare round trip with redis-py, the floor of any query over Redis.
+- ``redis.ping``: one round trip with redis-py's client (``Redis.ping()``, through its pool);
+  ``redis.ping.connection``: one PING on a redis-py connection held by the benchmark, the
+  round trip without the pool's work (the Redis store sends its commands that way).
 - ``collection_add_50.ours`` / ``collection_add_10000.ours``: overhead.py's scenarios, in the
   same run, for the add@10000/add@50 ratio.
 
@@ -127,6 +129,14 @@ def query_setup(kind, args, fe):
     if kind == "ping":
         client = redis_client(args, "flask_executor")
         return {"ask": lambda _: client.ping(), "ids": itertools.repeat(None), "expect": True}
+    if kind == "ping.connection":
+        connection = redis_client(args, "flask_executor").connection_pool.make_connection()
+
+        def ping(_):
+            connection.send_command("PING")
+            return connection.read_response()
+
+        return {"ask": ping, "ids": itertools.repeat(None), "expect": b"PONG"}
     ids = itertools.cycle(writer_ids(args, kind.partition(".")[0]))
     if kind.startswith("rq"):
         from rq.job import Job, JobStatus
@@ -241,6 +251,7 @@ QUERIES = {
     "query.celery": (*REDIS, "celery"),
     "query.huey": (*REDIS, "huey"),
     "redis.ping": REDIS,
+    "redis.ping.connection": REDIS,
 }
 BENCHES += [
     Bench(name, partial(query_setup, name.partition(".")[2]), query_time, needs=needs)
@@ -437,7 +448,8 @@ def report(opts, notes, failed):
         if i == 0:
             print("  ".join("-" * w for w in widths))
     print("* asked in the process that stored it: no other process can.  RQ: Job.fetch(id).is_finished")
-    print(f"  / Job(id).get_status().  One Redis round trip (redis-py ping): {cell('redis.ping')} µs")
+    print(f"  / Job(id).get_status().  One Redis round trip (redis-py ping): {cell('redis.ping')} µs;")
+    print(f"  on a connection of its own, without redis-py's pool: {cell('redis.ping.connection')} µs")
     if "collection_add_50.ours" in med and "collection_add_10000.ours" in med:
         small, big = med["collection_add_50.ours"], med["collection_add_10000.ours"]
         print(f"FutureCollection.add, all unfinished: {small:.2f} µs at 50, {big:.2f} µs at 10,000:")
