@@ -3117,15 +3117,16 @@ class _RedisStore:
         self._connection_error = redis.ConnectionError
         self._no_script = redis.exceptions.NoScriptError
         # The store sends its commands on connections of its own, not through redis-py's
-        # client: the client's pool (a lock, a poll of the socket, retries, metrics) costs
-        # 30 to 40 µs per command in redis-py 8, a quarter of a round trip on loopback,
-        # and every claim and status query would pay it.
-        self._idle: list[Any] = []  # connections in step with the server, the latest last
+        # client: the client's pool (locks, retries, metrics) costs 30 to 40 µs per command
+        # in redis-py 8, a quarter of a round trip on loopback, and every claim and status
+        # query would pay it.
+        self._idle: list[Any] = []  # connected and in step with the server, the latest last
         self._pid = os.getpid()
         try:
-            # redis-py's pool of the URL's settings (TLS, password, database), used only to
-            # make connections.
-            self._pool = redis.ConnectionPool.from_url(url, socket_timeout=_STORE_WAIT_SECONDS)
+            # Only the settings of redis-py's pool are used (the URL's TLS, password and
+            # database): a connection that failed is dropped, and the pool would count it.
+            settings = redis.ConnectionPool.from_url(url, socket_timeout=_STORE_WAIT_SECONDS)
+            self._new_connection = functools.partial(settings.connection_class, **settings.connection_kwargs)
             for script in _REDIS_SCRIPTS.values():  # compiled by the server now, not at the first call
                 self._send(("SCRIPT", "LOAD", script))
         except (redis.RedisError, ValueError) as error:
@@ -3159,13 +3160,15 @@ class _RedisStore:
 
     def read(self, key: str) -> StoredTask | None:
         entry_id = self._ids.get(key)
-        if entry_id is not None and not self._swept_at_reads:  # with a TTL, reads sweep: scripts
-            record = self._read_plainly(key, entry_id)
+        if entry_id is not None and not self._swept_at_reads:  # with a TTL, only the script removes
+            record = self._read_plainly(key, entry_id)  # expired entries
             if record is not None:
                 return record
         asked = time.monotonic()
         record = self._record(self._run("read", self._ttl_argument, key, ""), asked)
-        if record is not None:
+        if record is None:
+            self._ids.pop(key, None)
+        else:
             if len(self._ids) >= _REDIS_REMEMBERED:
                 self._ids.clear()  # the next read of each key asks the script again
             self._ids[key] = record.id
@@ -3203,8 +3206,8 @@ class _RedisStore:
             self._call(("SET", "flask_executor:owner:" + owner, 1, "PX", int(_LOST_AFTER_SECONDS * 1000)))
 
     def after_fork(self) -> None:
-        # A connection must not cross a fork: the parent's are left open and alone
-        # (closing one could cut the parent's command short), and new ones made.
+        # A connection must not cross a fork: the parent's are kept, never collected
+        # here (see _inherited), and new ones made.
         _inherited.append(self._idle)
         self._idle = []
         self._pid = os.getpid()
@@ -3235,7 +3238,7 @@ class _RedisStore:
         try:
             connection = self._idle.pop()  # atomic: a connection serves one thread at a time
         except IndexError:
-            connection = self._pool.make_connection()
+            connection = self._new_connection()  # connects at its first command
         else:
             # Something to read before anything was sent: the server closed the connection
             # (it restarted, or something between timed the connection out). Found now, it
@@ -3243,36 +3246,42 @@ class _RedisStore:
             # a command is never sent twice: a claim or a pop must not run twice.
             try:
                 stale = connection.can_read()
-            except self._connection_error:
+            except self._connection_error:  # the poll read the end of the connection
                 stale = True
             if stale:
                 connection.disconnect()  # and send_command connects again
         try:
             connection.send_command(*command)
-            return connection.read_response()
+            reply = connection.read_response()
         except self._reply_error:  # an error reply, read whole: the connection is in step
+            self._idle.append(connection)
             raise
         except BaseException:  # a lost connection, a timeout, an interrupt: a reply may still come
-            connection.disconnect()  # and the next command on it connects again
+            connection.disconnect()
             raise
-        finally:
-            self._idle.append(connection)
+        self._idle.append(connection)
+        return reply
 
     def _read_plainly(self, key: str, entry_id: Any) -> StoredTask | None:
         """The entry ``entry_id`` read with one plain command, if it still holds ``key``
         and needs no question about its owner; else None, and the script is asked."""
         entry = f"{self._prefix}:e:{entry_id}"
         bound, state, owner, progress = self._call(("HMGET", entry, "key", "state", "owner", "progress"))
-        if bound != key.encode():  # popped or dropped since: the key may name another task now
+        if bound != key.encode() or owner is None:  # popped or dropped since: the key may
+            self._ids.pop(key, None)  # name another task now (or something else wrote there)
             return None
-        if state not in (b"FINISHED", b"CANCELLED") and self._alive_until.get(owner, 0.0) <= time.monotonic():
-            return None  # unfinished, and its owner's mark may be gone
-        return self._record([entry_id, bound, state, owner, b"", progress or b"", -1])
+        if state in (b"FINISHED", b"CANCELLED"):
+            owner_alive = False  # not asked of a finished task
+        elif state in (b"PENDING", b"RUNNING") and self._alive_until.get(owner, 0.0) > time.monotonic():
+            owner_alive = True
+        else:
+            return None  # its owner's mark may be gone
+        return StoredTask(entry_id, key, state.decode(), owner.decode(), owner_alive, None, progress or None)
 
-    def _record(self, fields: list[Any] | None, asked: float | None = None) -> StoredTask | None:
-        """The entry a script (sent at ``asked``) or a plain read replied with. Its last
-        field is how many more milliseconds the owner's mark lasts: -1 for no end, or
-        alive as far as this store knows; 0 for gone, or not asked (a finished task)."""
+    def _record(self, fields: list[Any] | None, asked: float) -> StoredTask | None:
+        """The entry a script sent at ``asked`` replied with. Its last field is how many
+        more milliseconds the owner's mark lasts: -1 for no end; 0 for gone, or not
+        asked (of a finished task)."""
         if not fields:
             return None
         entry_id, key, state, owner, outcome, progress, mark_lasts_ms = fields
@@ -3285,10 +3294,12 @@ class _RedisStore:
                 f"entry {entry_id.decode()} of the Redis store ({self._prefix}) was not written by"
                 " Flask-Executor (it lacks fields, or has an unknown state): something else writes there"
             )
-        if asked is not None and mark_lasts_ms > 0:
+        if mark_lasts_ms > 0:
             if len(self._alive_until) >= _REDIS_REMEMBERED:
                 self._alive_until.clear()
             self._alive_until[owner] = asked + mark_lasts_ms / 1000
+        elif mark_lasts_ms == 0 and state in (b"PENDING", b"RUNNING"):
+            self._alive_until.pop(owner, None)  # gone before its time: evicted, deleted, a failover
         return StoredTask(
             int(entry_id),
             key.decode() or None,
@@ -3343,14 +3354,15 @@ local function record(id, with_outcome)
     local entry = prefix .. ':e:' .. id
     local fields = redis.call('HMGET', entry, 'key', 'state', 'owner', 'progress')
     if not fields[2] then return nil end
-    local alive = 0  -- ms the owner's mark lasts, asked only of unfinished tasks, the ones that can be lost
+    -- ms the owner's mark lasts, asked only of unfinished tasks, the ones that can be lost
+    local mark_ms = 0
     if fields[3] and (fields[2] == 'PENDING' or fields[2] == 'RUNNING') then
-        alive = redis.call('PTTL', 'flask_executor:owner:' .. fields[3])
-        if alive == -2 then alive = 0 end  -- no mark; -1 would be a mark without an end
+        mark_ms = redis.call('PTTL', 'flask_executor:owner:' .. fields[3])
+        if mark_ms == -2 then mark_ms = 0 elseif mark_ms == 0 then mark_ms = 1 end  -- none; its last ms
     end
     local outcome = ''
     if with_outcome then outcome = redis.call('HGET', entry, 'outcome') or '' end
-    return {id, fields[1], fields[2], fields[3], outcome, fields[4] or '', alive}
+    return {id, fields[1], fields[2], fields[3], outcome, fields[4] or '', mark_ms}
 end
 """
 _REDIS_SCRIPTS = {

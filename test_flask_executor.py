@@ -5984,6 +5984,24 @@ def test_redis_fake_entry_with_a_field_missing_gives_store_error_and_is_logged(
     assert redis_app_records(caplog, reader_app, logging.ERROR)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("missing", ["key", "owner"])
+def test_redis_entry_that_loses_a_field_after_a_process_read_it_gives_that_process_store_error(
+    redis_url, redis_executors, caplog, missing
+):
+    # The reader's next status query of the key reads the entry plainly (it knows its
+    # id): a field missing there must still give StoreError, and an error in the log.
+    reader_app, reader = redis_executors(redis_url, "known_reader")
+    _, writer = redis_executors(redis_url, "known_writer")
+    assert redis_finished(writer, "known", writer.submit_stored("known", redis_add, 1, 2)) == 3
+    assert reader.futures.done("known") is True
+    client = redis_client(redis_url)
+    client.hdel(redis_entry_name(redis_entry_id(client, "known")), missing)
+    with pytest.raises(StoreError):
+        reader.futures.done("known")
+    assert redis_app_records(caplog, reader_app, logging.ERROR)
+
+
 # ---------------------------------------------------------------------------------------------
 # Passwords and TLS
 
@@ -6322,11 +6340,13 @@ def test_redis_reader_of_a_key_popped_and_taken_again_reads_the_new_task_not_the
 
 @pytest.mark.timeout(60)
 def test_redis_repeated_status_queries_are_plain_reads_once_the_key_was_read(
-    redis_url, redis_executors, redis_gates
+    redis_servers, redis_executors, redis_gates
 ):
     # A script costs Redis ten times what a plain read does. Once a process has read a
     # key, its status queries read the entry with one HMGET, for a finished task, and for
-    # an unfinished one while its owner's mark lasts.
+    # an unfinished one while its owner's mark lasts. (A server of its own: the counts
+    # are the server's, and no other test's tasks may add to them.)
+    redis_url = redis_servers().url()
     _, a = redis_executors(redis_url, "plain_a")
     _, b = redis_executors(redis_url, "plain_b")
     gate = redis_gates()
@@ -6345,6 +6365,14 @@ def test_redis_repeated_status_queries_are_plain_reads_once_the_key_was_read(
         assert b.futures.running("running") is True
     assert calls("evalsha") == scripts
     assert calls("hmget") == reads + 20
+    # A key popped elsewhere is forgotten at the first read that finds it gone: the reads
+    # after that one are one script each, with no plain read first.
+    assert a.futures.pop("done").result() == 3
+    assert b.futures.done("done") is None
+    scripts, reads = calls("evalsha"), calls("hmget")
+    for _ in range(5):
+        assert b.futures.done("done") is None
+    assert (calls("evalsha"), calls("hmget")) == (scripts + 5, reads)
     gate.set()
 
 
