@@ -2677,7 +2677,26 @@ class _QueuedWrite:
         self.error: BaseException | None = None
 
 
-class _SQLiteStore:
+class _ForkAwareBackend:
+    """A store backend whose connections and locks must not cross a fork: it makes
+    them again in a new process (``after_fork``), which it notices by its pid."""
+
+    _pid: int
+
+    def after_fork(self) -> None:
+        raise NotImplementedError
+
+    def _check_fork(self) -> None:
+        # A fork that bypassed Python's fork hook (uWSGI forks in C): everything starts over
+        # once, in the first thread that notices, before any queue, lock or connection of
+        # the parent is used here.
+        if self._pid != os.getpid():
+            _this_process.start_over()
+            if self._pid != os.getpid():  # a store that no live executor holds
+                self.after_fork()
+
+
+class _SQLiteStore(_ForkAwareBackend):
     """``EXECUTOR_FUTURES_STORE = "/path/to/file"``: a SQLite database in WAL mode,
     which every process of the machine that names the file shares. Each thread
     has a connection of its own; a write takes one short transaction, and a read
@@ -2885,15 +2904,6 @@ class _SQLiteStore:
         db.executemany("DELETE FROM tasks WHERE id = ?", [(entry_id,) for entry_id, _ in oldest])
         return [key for _, key in oldest if key is not None]
 
-    def _check_fork(self) -> None:
-        # A fork that bypassed Python's fork hook (uWSGI forks in C): everything starts over
-        # once, in the first thread that notices, before any queue, lock or connection of
-        # the parent is used here.
-        if self._pid != os.getpid():
-            _this_process.start_over()
-            if self._pid != os.getpid():  # a store that no live executor holds
-                self.after_fork()
-
     def _connection(self) -> Any:
         self._check_fork()
         connection = getattr(self._connections, "connection", None)
@@ -3090,7 +3100,7 @@ class _SQLiteStore:
         db.execute("COMMIT")
 
 
-class _RedisStore:
+class _RedisStore(_ForkAwareBackend):
     """``EXECUTOR_FUTURES_STORE = "redis://host:port/db"`` (or ``rediss://``, with a
     password in the URL if need be): Redis, which every process of every machine
     that names it shares. Each change is one Lua script, so it is atomic and costs
@@ -3169,9 +3179,7 @@ class _RedisStore:
         if record is None:
             self._ids.pop(key, None)
         else:
-            if len(self._ids) >= _REDIS_REMEMBERED:
-                self._ids.clear()  # the next read of each key asks the script again
-            self._ids[key] = record.id
+            _remember(self._ids, key, record.id)
         return record
 
     def read_entry(self, entry_id: Any) -> StoredTask | None:
@@ -3213,28 +3221,22 @@ class _RedisStore:
         self._pid = os.getpid()
 
     def _run(self, script: str, *arguments: Any) -> Any:
-        command = ("EVALSHA", _REDIS_DIGESTS[script], 1, self._prefix, *arguments)
+        return self._call(("EVALSHA", _REDIS_DIGESTS[script], 1, self._prefix, *arguments), script)
+
+    def _call(self, command: tuple[Any, ...], script: str | None = None) -> Any:
+        """The reply to ``command``, which runs ``script`` if it is an EVALSHA."""
         try:
             try:
                 return self._send(command)
             except self._no_script:  # Redis restarted, or its scripts were flushed: load it again
-                self._send(("SCRIPT", "LOAD", _REDIS_SCRIPTS[script]))
+                self._send(("SCRIPT", "LOAD", _REDIS_SCRIPTS[cast(str, script)]))
                 return self._send(command)
-        except self._error as error:
-            raise StoreError(f"the Redis store failed: {error}") from error
-
-    def _call(self, command: tuple[Any, ...]) -> Any:
-        try:
-            return self._send(command)
         except self._error as error:
             raise StoreError(f"the Redis store failed: {error}") from error
 
     def _send(self, command: tuple[Any, ...]) -> Any:
         """Sends one command and reads its reply, on an idle connection or a new one."""
-        if self._pid != os.getpid():  # a fork that bypassed Python's hook (uWSGI forks in C)
-            _this_process.start_over()
-            if self._pid != os.getpid():  # a store that no live executor holds
-                self.after_fork()
+        self._check_fork()
         try:
             connection = self._idle.pop()  # atomic: a connection serves one thread at a time
         except IndexError:
@@ -3295,9 +3297,7 @@ class _RedisStore:
                 " Flask-Executor (it lacks fields, or has an unknown state): something else writes there"
             )
         if mark_lasts_ms > 0:
-            if len(self._alive_until) >= _REDIS_REMEMBERED:
-                self._alive_until.clear()
-            self._alive_until[owner] = asked + mark_lasts_ms / 1000
+            _remember(self._alive_until, owner, asked + mark_lasts_ms / 1000)
         elif mark_lasts_ms == 0 and state in (b"PENDING", b"RUNNING"):
             self._alive_until.pop(owner, None)  # gone before its time: evicted, deleted, a failover
         return StoredTask(
@@ -3309,6 +3309,13 @@ class _RedisStore:
             outcome or None,
             progress or None,
         )
+
+
+def _remember(memo: dict[Any, Any], key: Any, value: Any) -> None:
+    """Sets ``memo[key]``; a full memo is emptied first (what it held is asked again)."""
+    if len(memo) >= _REDIS_REMEMBERED:
+        memo.clear()
+    memo[key] = value
 
 
 def _without_password(url: str) -> str:
